@@ -1,0 +1,1 @@
+"""Attribution: modality Shapley values, within-modality attributions, reports."""

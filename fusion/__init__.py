@@ -1,0 +1,1 @@
+"""Fusion blocks: the cross-modal attention bridge and the sparse Mixture-of-Experts."""

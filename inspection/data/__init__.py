@@ -1,0 +1,1 @@
+"""Data sets: ELPV images, bearing recordings, SKAB, composite units and Parquet history."""

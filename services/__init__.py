@@ -1,0 +1,1 @@
+"""Process boundaries: Kafka I/O, the embedded broker, the command line."""
