@@ -1,0 +1,36 @@
+# Two commands set up and run everything on a fresh machine:
+#   make demo   - the main job on the embedded broker with real data
+#   make test   - the test suite (CPU; Triton kernels under the interpreter)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# One resolver call installs torch + torchvision as a matching pair (see pyproject.toml) with everything else.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/inspection demo
+
+# pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+lint: install
+	$(BIN)/ruff check inspection fusion explain kernels services tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

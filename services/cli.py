@@ -1,0 +1,409 @@
+"""The ``inspection`` command line.
+
+Commands::
+
+    inspection broker                 run the embedded Kafka-compatible broker (Tansu) on 127.0.0.1
+    inspection topics create          create the co-partitioned input topics, decisions and dlq
+    inspection produce                publish units of a data set (or history file) to the input topics
+    inspection consume --topic T      print decoded records of a topic as JSON lines
+    inspection data info|fetch        data set sizes and licences; fetch the bearing recordings
+    inspection demo                   broker -> topics -> produce -> consume -> verify, on real data
+
+Exit codes: 0 success, 1 a check failed (e.g. the demo read back something else), 2 invalid input or an
+error the message explains, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from inspection.errors import ConfigError, InspectionError
+from inspection.records import MODALITIES, Decision, Unit
+
+log = logging.getLogger("inspection.cli")
+
+
+# ----------------------------------------------------------------------------------------------- shared
+def _add_kafka_args(p: argparse.ArgumentParser, *, prefix: bool = True) -> None:
+    p.add_argument("--bootstrap", default=os.environ.get("INSPECTION_BOOTSTRAP"),
+                   help="Kafka bootstrap servers host:port[,host:port] (default: $INSPECTION_BOOTSTRAP)")
+    if prefix:
+        p.add_argument("--topic-prefix", default="", help="prefix in front of every default topic name")
+    g = p.add_argument_group("Kafka security (passed to the client as given)")
+    g.add_argument("--security-protocol", default="PLAINTEXT",
+                   choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
+    g.add_argument("--sasl-mechanism")
+    g.add_argument("--sasl-username")
+    g.add_argument("--sasl-password-env", metavar="VAR",
+                   help="name of the environment variable holding the SASL password (never pass it on argv)")
+    g.add_argument("--ssl-cafile")
+    g.add_argument("--ssl-certfile")
+    g.add_argument("--ssl-keyfile")
+
+
+def _security(args: argparse.Namespace) -> dict:
+    from services.clients import security_config
+
+    settings = {
+        "sasl_mechanism": args.sasl_mechanism,
+        "sasl_plain_username": args.sasl_username,
+        "ssl_cafile": args.ssl_cafile,
+        "ssl_certfile": args.ssl_certfile,
+        "ssl_keyfile": args.ssl_keyfile,
+    }
+    if args.sasl_password_env:
+        if args.sasl_password_env not in os.environ:
+            raise ConfigError(f"--sasl-password-env names ${args.sasl_password_env}, which is not set")
+        settings["sasl_plain_password"] = os.environ[args.sasl_password_env]
+    return security_config(args.security_protocol, **{k: v for k, v in settings.items() if v is not None})
+
+
+def _bootstrap(args: argparse.Namespace) -> str:
+    if not args.bootstrap:
+        raise ConfigError("--bootstrap is required (or set $INSPECTION_BOOTSTRAP), e.g. --bootstrap 127.0.0.1:9092")
+    return args.bootstrap
+
+
+def _topics(args: argparse.Namespace):
+    from services.broker import TopicNames
+
+    return TopicNames.with_prefix(args.topic_prefix) if args.topic_prefix else TopicNames()
+
+
+def _progress(total: int | None, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="unit", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------- broker
+def cmd_broker(args: argparse.Namespace) -> int:
+    from services.broker import EmbeddedBroker, create_topics
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log_path = Path(args.log) if args.log else None
+    with EmbeddedBroker(port=args.port, storage=args.storage, log_path=log_path) as broker:
+        if args.partitions:
+            create_topics(broker.bootstrap, _topics(args), args.partitions)
+        print(f"broker ready: bootstrap={broker.bootstrap} pid={broker.pid} storage={args.storage} "
+              f"log={broker.log_path}", flush=True)
+        print("stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
+        while not stop.wait(1.0):
+            if not broker.running:
+                print(f"inspection: error: the broker exited; log tail:\n{broker.log_text()[-2000:]}", file=sys.stderr)
+                return 2
+    return 0
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    from services.broker import create_topics
+
+    topics = _topics(args)
+    create_topics(_bootstrap(args), topics, args.partitions, client_config=_security(args))
+    print(json.dumps({"created": list(topics.all), "input_partitions": args.partitions}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- produce
+def _units_from(args: argparse.Namespace) -> tuple[Iterator[Unit], int | None, str]:
+    """Units to publish, their count when known, and a note on where they came from."""
+    if args.history:
+        from inspection.data.history import count_history, read_history
+
+        total = count_history(args.history)
+        limit = min(total, args.limit) if args.limit else total
+        it = (a.unit for _, a in zip(range(limit), read_history(args.history), strict=False))
+        return it, limit, f"history {args.history}"
+    from inspection.data.composite import CompositeBuilder, CompositeConfig
+
+    builder = CompositeBuilder(CompositeConfig(seed=args.seed, temperature_source=args.temperature))
+    note = f"composite {args.split} split, seed {args.seed}, temperature from {builder.temperature_source}"
+    if builder.temperature_source == "synthetic":
+        note += " (synthetic temperature)"
+    return builder.iter_units(args.split, args.limit), args.limit, note
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from services.clients import make_producer
+    from services.publish import FaultPlan, parse_modality_values, publish_units
+
+    bootstrap = _bootstrap(args)
+    faults = FaultPlan(
+        drop=parse_modality_values(args.drop, "--drop"),
+        delay_ms=parse_modality_values(args.delay, "--delay"),
+        seed=args.seed,
+    )
+    units, total, note = _units_from(args)
+    print(f"producing {total if total is not None else 'all'} units: {note}", file=sys.stderr)
+    kept: list[Unit] = []
+    producer = make_producer(bootstrap, **_security(args))
+    try:
+        with _progress(total, "produce") as bar:
+            def on_unit(u: Unit) -> None:
+                bar.update(1)
+                if args.archive:
+                    kept.append(u)
+
+            report = publish_units(producer, units, _topics(args), rate=args.rate, faults=faults, on_unit=on_unit)
+    finally:
+        producer.close(timeout=10)
+    if args.archive:
+        from inspection.data.history import ArchivedUnit, write_history
+
+        archived = [ArchivedUnit(u, {m: report.coordinates[(u.unit_id, m)] for m in u.present
+                                     if (u.unit_id, m) in report.coordinates}) for u in kept]
+        write_history(args.archive, archived)
+    print(json.dumps({"units": report.units, "sent": dict(report.sent), "dropped": dict(report.dropped),
+                      "seconds": round(report.seconds, 3), "source": note,
+                      "archive": str(args.archive) if args.archive else None}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- consume
+def _describe(record, topics) -> dict:
+    from services.readback import decode_record
+
+    where = f"{record.topic}[{record.partition}]@{record.offset}"
+    if record.topic in topics.inputs:
+        got = decode_record(record, topics)
+        if got.error is not None:
+            return {"at": where, "rejected": got.error.reason.value, "detail": got.error.detail}
+        r = got.reading
+        out = {"at": where, "modality": r.modality, "unit_id": r.unit_id, "line_id": r.line_id,
+               "reading_id": r.reading_id, "event_time": r.event_time.isoformat()}
+        if r.modality == "vision":
+            out |= {"content_type": r.content_type, "bytes": len(r.data), "width": r.width, "height": r.height,
+                    "dtype": str(r.image.dtype), "channels": 1 if r.image.ndim == 2 else r.image.shape[2]}
+        else:
+            out |= {"channels": r.channels, "samples": r.samples, "sample_rate_hz": r.sample_rate_hz,
+                    "unit": r.unit, "min": float(r.values.min()), "max": float(r.values.max())}
+        return out
+    if record.topic == topics.decisions:
+        try:
+            return {"at": where, **Decision.from_json(record.value).to_cloudevent()}
+        except InspectionError as exc:
+            return {"at": where, "rejected": str(exc)}
+    headers = {k: (v.decode("utf-8", "replace") if v is not None else None) for k, v in record.headers or ()}
+    return {"at": where, "key": record.key.decode("utf-8", "replace") if record.key else None,
+            "bytes": len(record.value or b""), "headers": headers}
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from services.clients import make_consumer, wait_for_assignment
+    from services.readback import drain
+
+    topics = _topics(args)
+    group = args.group or f"inspection-consume-{uuid.uuid4().hex[:8]}"
+    consumer = make_consumer([args.topic], _bootstrap(args), group,
+                             auto_offset_reset="earliest" if args.from_beginning else "latest", **_security(args))
+    n = 0
+    try:
+        wait_for_assignment(consumer, timeout_s=30)
+        for record in drain(consumer, max_messages=args.max, idle_timeout_s=args.idle_timeout):
+            print(json.dumps(_describe(record, topics), default=str), flush=True)
+            n += 1
+    finally:
+        consumer.close(autocommit=False)
+    print(f"{n} records from {args.topic}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ data
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from inspection.data import bearings, elpv, skab
+    from inspection.data.composite import CompositeBuilder, CompositeConfig
+
+    ds = elpv.load_elpv()
+    recs = bearings.load_bearings()
+    info: dict = {
+        "elpv": {"images": len(ds), "grades": ds.grade_counts(), "licence": elpv.LICENCE},
+        "bearings": {"recordings": len(recs), "classes": dict(Counter(r.label for r in recs)),
+                     "licence": bearings.LICENCE},
+    }
+    try:
+        files = skab.load_skab(args.skab)
+        info["skab"] = {"root": str(skab.skab_root(args.skab)), "files": len(files), "licence": skab.LICENCE}
+    except InspectionError as exc:
+        info["skab"] = {"missing": str(exc)}
+    builder = CompositeBuilder(CompositeConfig(seed=args.seed, skab_root=args.skab))
+    info["composite"] = {"temperature_source": builder.temperature_source,
+                         "pools": {s: builder.pool_sizes(s) for s in ("train", "test")}}
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from inspection.data import bearings
+
+    path = bearings.fetch_bearings()
+    print(json.dumps({"bearings": str(path)}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from inspection.data.composite import CompositeBuilder, CompositeConfig
+    from inspection.data.history import ArchivedUnit, write_history
+    from services.broker import EmbeddedBroker, TopicNames, create_topics
+    from services.clients import make_consumer, make_producer, wait_for_assignment
+    from services.publish import publish_units
+    from services.readback import assemble_units, decode_record, drain
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    builder = CompositeBuilder(CompositeConfig(seed=args.seed))
+    units = builder.units("test", args.units)
+    truth = Counter(u.label.defect_class for u in units)
+    print(f"[demo] {len(units)} composite units (real ELPV image + real bearing window + "
+          f"{'real SKAB' if builder.temperature_source == 'skab' else 'synthetic'} temperature window); "
+          f"ground truth: {dict(truth)}", file=sys.stderr)
+    with EmbeddedBroker(log_path=out / "broker.log") as broker:
+        topics = TopicNames()
+        create_topics(broker.bootstrap, topics, partitions=args.partitions)
+        print(f"[demo] broker {broker.bootstrap}, topics {', '.join(topics.all)}", file=sys.stderr)
+        consumer = make_consumer(topics.inputs, broker.bootstrap, f"demo-{uuid.uuid4().hex[:8]}")
+        try:
+            assigned = wait_for_assignment(consumer, timeout_s=60)
+            producer = make_producer(broker.bootstrap)
+            try:
+                with _progress(len(units), "produce") as bar:
+                    report = publish_units(producer, units, topics, rate=args.rate, on_unit=lambda _: bar.update(1))
+            finally:
+                producer.close(timeout=10)
+            t_consume = time.monotonic()
+            received = [decode_record(r, topics) for r in drain(consumer, max_messages=report.messages,
+                                                                idle_timeout_s=15)]
+            consume_s = time.monotonic() - t_consume
+        finally:
+            consumer.close(autocommit=False)
+        if broker.panicked():
+            print("[demo] the broker log reports a panic", file=sys.stderr)
+            return 1
+    back = assemble_units(received)
+    identical = sum(1 for u in units if u.unit_id in back and back[u.unit_id].readings == u.readings)
+    rejected = Counter(r.error.reason.value for r in received if r.error is not None)
+    by_topic = Counter(r.coordinate.topic for r in received)
+    partitions = {m: sorted({r.coordinate.partition for r in received if r.reading and r.reading.modality == m})
+                  for m in MODALITIES}
+    archived = [ArchivedUnit(u, {m: report.coordinates[(u.unit_id, m)] for m in u.present}) for u in units]
+    co_partitioned = sum(1 for a in archived if len({c.partition for c in a.inputs.values()}) == 1)
+    n_hist = write_history(out / "history.parquet", archived)
+    summary = {
+        "units_produced": report.units,
+        "messages_sent": dict(report.sent),
+        "messages_received": dict(by_topic),
+        "partitions_seen": partitions,
+        "assigned_partitions": len(assigned),
+        "units_co_partitioned": co_partitioned,
+        "units_read_back_identical": identical,
+        "rejected": dict(rejected),
+        "produce_s": round(report.seconds, 2),
+        "consume_s": round(consume_s, 2),
+        "total_s": round(time.monotonic() - t_start, 2),
+        "history": str(out / "history.parquet"),
+        "history_units": n_hist,
+        "temperature_source": builder.temperature_source,
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    ok = identical == co_partitioned == n_hist == len(units) and not rejected
+    print(f"[demo] {'OK' if ok else 'MISMATCH'}: {identical}/{len(units)} units read back byte-identical "
+          f"through {broker.bootstrap}; history in {out / 'history.parquet'}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inspection", description="Multimodal industrial inspection service.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("broker", help="run the embedded broker on 127.0.0.1 until Ctrl-C / SIGTERM")
+    b.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    b.add_argument("--storage", default="memory://tansu/", help="Tansu storage URL (memory:// or s3://)")
+    b.add_argument("--partitions", type=int, default=3, help="create the topics with this many partitions (0: none)")
+    b.add_argument("--topic-prefix", default="")
+    b.add_argument("--log", help="broker log file (default: a temporary file)")
+    b.set_defaults(func=cmd_broker)
+
+    t = sub.add_parser("topics", help="manage topics")
+    tsub = t.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    tc = tsub.add_parser("create", help="create input topics (co-partitioned), decisions and dlq")
+    _add_kafka_args(tc)
+    tc.add_argument("--partitions", type=int, default=3)
+    tc.set_defaults(func=cmd_topics_create)
+
+    pr = sub.add_parser("produce", help="publish units to the three input topics")
+    _add_kafka_args(pr)
+    pr.add_argument("--dataset", choices=["composite"], default="composite")
+    pr.add_argument("--history", type=Path, help="publish units from a Parquet history file instead")
+    pr.add_argument("--split", choices=["train", "test"], default="test")
+    pr.add_argument("--limit", type=int, default=100, help="number of units")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--rate", type=float, default=0.0, help="units per second (0: as fast as possible)")
+    pr.add_argument("--drop", action="append", default=[], metavar="MODALITY=P",
+                    help="drop a modality's readings with probability P (testing); repeatable")
+    pr.add_argument("--delay", action="append", default=[], metavar="MODALITY=MS",
+                    help="send a modality's readings MS milliseconds late (testing); repeatable")
+    pr.add_argument("--temperature", choices=["auto", "skab", "synthetic"], default="auto",
+                    help="temperature source of composite units")
+    pr.add_argument("--archive", type=Path, help="also write the published units to this Parquet history file")
+    pr.set_defaults(func=cmd_produce)
+
+    co = sub.add_parser("consume", help="print decoded records of a topic as JSON lines")
+    _add_kafka_args(co)
+    co.add_argument("--topic", required=True)
+    co.add_argument("--group", help="consumer group (default: a fresh one; offsets are never committed)")
+    co.add_argument("--max", type=int, default=None, help="stop after this many records")
+    co.add_argument("--idle-timeout", type=float, default=5.0, help="stop after this many seconds without records")
+    co.add_argument("--from-beginning", action=argparse.BooleanOptionalAction, default=True)
+    co.set_defaults(func=cmd_consume)
+
+    d = sub.add_parser("data", help="data sets")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    di = dsub.add_parser("info", help="sizes, labels and licences of the data sets")
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--skab", help="SKAB folder (default: ../shared/data/skab or $INSPECTION_SKAB_DIR)")
+    di.set_defaults(func=cmd_data_info)
+    df = dsub.add_parser("fetch", help="download and verify the bearing recordings into the cache")
+    df.set_defaults(func=cmd_data_fetch)
+
+    de = sub.add_parser("demo", help="embedded broker -> produce real composite units -> consume -> verify")
+    de.add_argument("--units", type=int, default=200)
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--rate", type=float, default=0.0)
+    de.add_argument("--partitions", type=int, default=3)
+    de.add_argument("--out", default="runs/demo", help="output folder (broker log, history, summary)")
+    de.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except InspectionError as exc:
+        print(f"inspection: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Shared fixtures: one embedded Kafka broker per test session, fresh topics and group ids per test.
+
+The broker starts only when a test asks for it (directly or through ``topics``); such tests are marked
+``kafka`` automatically, so ``-m "not kafka"`` runs everything else without a broker.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+from inspection.errors import BrokerError
+
+# kafka-python's protocol schema loader calls the deprecated importlib.resources.read_text at import time;
+# the warning is attributed to importlib, so pyproject's "kafka.*" filter does not catch it.
+_KAFKA_IMPORT_WARNINGS = r"(open|read)_text is deprecated"
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", _KAFKA_IMPORT_WARNINGS, DeprecationWarning)
+    from services.broker import EmbeddedBroker, TopicNames, create_topics, tansu_binary
+
+#: Partitions of each input topic in the per-test topic sets.
+TEST_PARTITIONS = 3
+_LOG_TAIL_CHARS = 4_000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Silence the same warnings for kafka-python modules first imported later, inside tests."""
+    config.addinivalue_line("filterwarnings", f"ignore:{_KAFKA_IMPORT_WARNINGS}:DeprecationWarning")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses the session broker (directly or through another fixture) as ``kafka``."""
+    for item in items:
+        if "broker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """One embedded broker for the whole session; the session fails if its log reports a panic."""
+    try:
+        tansu_binary()
+    except BrokerError as exc:
+        pytest.skip(f"embedded Kafka broker unavailable: {exc}")
+    log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
+    embedded = EmbeddedBroker(log_path=log_path)
+    embedded.start()
+    try:
+        yield embedded
+    finally:
+        embedded.stop()
+    if embedded.panicked():
+        pytest.fail(
+            f"the session's embedded broker panicked; log {log_path}:\n{embedded.log_text()[-_LOG_TAIL_CHARS:]}",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def topics(broker: EmbeddedBroker) -> TopicNames:
+    """A fresh, isolated set of topics (inputs co-partitioned with 3 partitions) on the session broker."""
+    names = TopicNames.with_prefix(f"t{uuid.uuid4().hex[:12]}.")
+    create_topics(broker.bootstrap, names, TEST_PARTITIONS)
+    return names
+
+
+@pytest.fixture
+def group_id() -> str:
+    """A consumer group id no other test uses."""
+    return f"g-{uuid.uuid4().hex}"
