@@ -163,8 +163,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
     if args.archive:
         from inspection.data.history import ArchivedUnit, write_history
 
-        archived = [ArchivedUnit(u, {m: report.coordinates[(u.unit_id, m)] for m in u.present
-                                     if (u.unit_id, m) in report.coordinates}) for u in kept]
+        archived = []
+        for u in kept:  # archive what was sent: readings that were dropped never existed downstream
+            sent = {m: report.coordinates[(u.unit_id, m)] for m in u.present if (u.unit_id, m) in report.coordinates}
+            if sent:
+                archived.append(ArchivedUnit(u.without(*(set(u.present) - set(sent))), sent))
         write_history(args.archive, archived)
     print(json.dumps({"units": report.units, "sent": dict(report.sent), "dropped": dict(report.dropped),
                       "seconds": round(report.seconds, 3), "source": note,

@@ -135,13 +135,7 @@ def _unit_from_row(row: dict, limits: CodecLimits) -> ArchivedUnit:
     return ArchivedUnit(unit, inputs)
 
 
-def read_history(path: Path | str, *, limits: CodecLimits | None = None, batch_size: int = 256) -> Iterator[ArchivedUnit]:
-    """Stream archived units back from a Parquet file, validating every reading as the stream would.
-
-    Raises:
-        DataError: the file is missing or not a history file; a row fails validation (names the row).
-    """
-    path = Path(path)
+def _open(path: Path) -> pq.ParquetFile:
     if not path.is_file():
         raise DataError(f"history file {path} does not exist")
     try:
@@ -151,6 +145,17 @@ def read_history(path: Path | str, *, limits: CodecLimits | None = None, batch_s
     meta = pf.schema_arrow.metadata or {}
     if meta.get(b"inspection.history.schema") != SCHEMA_VERSION.encode():
         raise DataError(f"{path} is not an inspection history file (schema version {meta.get(b'inspection.history.schema')!r})")
+    return pf
+
+
+def read_history(path: Path | str, *, limits: CodecLimits | None = None, batch_size: int = 256) -> Iterator[ArchivedUnit]:
+    """Stream archived units back from a Parquet file, validating every reading as the stream would.
+
+    Raises:
+        DataError: the file is missing or not a history file; a row fails validation (names the row).
+    """
+    path = Path(path)
+    pf = _open(path)
     limits = limits or CodecLimits()
     row_no = 0
     for batch in pf.iter_batches(batch_size=batch_size):
@@ -164,4 +169,4 @@ def read_history(path: Path | str, *, limits: CodecLimits | None = None, batch_s
 
 def count_history(path: Path | str) -> int:
     """Number of units in a history file, from its footer."""
-    return pq.ParquetFile(path).metadata.num_rows
+    return _open(Path(path)).metadata.num_rows

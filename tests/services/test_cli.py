@@ -1,0 +1,117 @@
+"""The ``inspection`` command line, run as a real process against the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from inspection.data.history import count_history, read_history
+from services.clients import make_admin
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+
+EXE = str(Path(sys.executable).parent / "inspection")
+
+
+def run(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_topics_produce_consume_and_archive(broker, tmp_path):
+    prefix = f"cli{uuid.uuid4().hex[:8]}."
+    b = broker.bootstrap
+    created = run("topics", "create", "--bootstrap", b, "--topic-prefix", prefix, "--partitions", "2")
+    assert created.returncode == 0, created.stderr
+    assert last_json(created.stdout)["created"][0] == f"{prefix}inspection.vision"
+
+    mismatch = run("topics", "create", "--bootstrap", b, "--topic-prefix", prefix, "--partitions", "3")
+    assert mismatch.returncode == 2 and "partition" in mismatch.stderr
+
+    archive = tmp_path / "sent.parquet"
+    produced = run("produce", "--bootstrap", b, "--topic-prefix", prefix, "--limit", "30", "--seed", "1",
+                   "--drop", "temperature=1", "--delay", "vibration=50", "--archive", str(archive))
+    assert produced.returncode == 0, produced.stderr
+    report = last_json(produced.stdout)
+    assert report["units"] == 30
+    assert report["sent"] == {"vision": 30, "vibration": 30}
+    assert report["dropped"] == {"temperature": 30}
+    assert "CC BY-NC-SA 4.0" in produced.stderr  # licences are printed when a data set is first used
+    assert count_history(archive) == 30
+    archived = list(read_history(archive))
+    assert all(set(a.inputs) == {"vision", "vibration"} for a in archived)
+    assert all(a.inputs["vision"].topic == f"{prefix}inspection.vision" for a in archived)
+
+    consumed = run("consume", "--bootstrap", b, "--topic-prefix", prefix, "--topic", f"{prefix}inspection.vision",
+                   "--max", "30", "--idle-timeout", "20")
+    assert consumed.returncode == 0, consumed.stderr
+    lines = [json.loads(line) for line in consumed.stdout.splitlines()]
+    assert len(lines) == 30
+    assert {line["unit_id"] for line in lines} == {a.unit.unit_id for a in archived}
+    assert all((line["width"], line["height"], line["dtype"]) == (300, 300, "uint8") for line in lines)
+
+    again = run("produce", "--bootstrap", b, "--topic-prefix", prefix, "--history", str(archive))
+    assert again.returncode == 0, again.stderr
+    assert last_json(again.stdout)["sent"] == {"vision": 30, "vibration": 30}
+
+
+def test_errors_are_explained_with_exit_code_2(tmp_path):
+    env = {"INSPECTION_BOOTSTRAP": ""}
+    missing = run("produce", "--limit", "1", env=env)
+    assert missing.returncode == 2 and "--bootstrap is required" in missing.stderr
+    bad = run("produce", "--bootstrap", "127.0.0.1:1", "--drop", "audio=0.5", env=env)
+    assert bad.returncode == 2 and "MODALITY=NUMBER" in bad.stderr
+    nofile = run("produce", "--bootstrap", "127.0.0.1:1", "--history", str(tmp_path / "none.parquet"), env=env)
+    assert nofile.returncode == 2 and "does not exist" in nofile.stderr
+
+
+def test_broker_command_serves_until_sigterm(tmp_path):
+    proc = subprocess.Popen([EXE, "broker", "--partitions", "2", "--log", str(tmp_path / "b.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("broker ready: bootstrap=127.0.0.1:"), line + proc.stderr.read()
+        bootstrap = line.split("bootstrap=")[1].split()[0]
+        admin = make_admin(bootstrap)
+        try:
+            assert {"inspection.vision", "inspection.dlq"} <= set(admin.list_topics())
+        finally:
+            admin.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    broker_pid = int(line.split("pid=")[1].split()[0])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(broker_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the broker process {broker_pid} outlived the command")
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = run("demo", "--units", "20", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert summary["units_read_back_identical"] == 20 and summary["units_co_partitioned"] == 20
+    assert summary["messages_received"] == {"inspection.vision": 20, "inspection.vibration": 20,
+                                            "inspection.temperature": 20}
+    assert count_history(tmp_path / "demo" / "history.parquet") == 20
