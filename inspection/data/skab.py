@@ -251,7 +251,7 @@ def skab_root(path: Path | str | None = None) -> Path:
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
-    looked = ", ".join(str(c.resolve()) for c in candidates)
+    looked = ", ".join(dict.fromkeys(str(c.resolve()) for c in candidates))
     raise DataError(
         f"SKAB data not found; looked in {looked}. Put the SKAB folder (valve1/, valve2/, other/, "
         f"anomaly-free/) at one of these places, set ${_ENV}, or pass the folder explicitly."
