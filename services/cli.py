@@ -329,6 +329,111 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# ----------------------------------------------------------------------------------------------- model
+def cmd_train(args: argparse.Namespace) -> int:
+    from inspection.experiments import train_bench
+    from inspection.training import TrainConfig
+
+    if args.bench == "skab":
+        raise ConfigError("SKAB uses its normal-only per-file protocol: run `inspection evaluate --bench skab`")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
+                      seed=args.seed, device=args.device, amp=not args.no_amp)
+    modalities = args.modalities.split(",") if args.modalities else None
+    for seed in args.seeds or [args.seed]:
+        version = train_bench(args.bench, seed, cfg if seed == cfg.seed else replace_seed(cfg, seed),
+                              store_root=args.store, out_root=args.out, modalities=modalities, dim=args.dim,
+                              image_size=args.image_size, moe=not args.no_moe, resume=args.resume)
+        last = version.card["history"][-1]
+        print(json.dumps({"bench": args.bench, "seed": seed, "version": version.version, "store": str(version.path),
+                          "last_epoch": last}, default=str), flush=True)
+    return 0
+
+
+def replace_seed(cfg, seed: int):
+    from dataclasses import replace
+
+    return replace(cfg, seed=seed)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from inspection.experiments import calibrate_version, family
+
+    names = [family(args.bench, args.modalities.split(",") if args.modalities else None)]
+    if args.bench == "composite" and args.all_baselines:
+        names += [family("composite", [m]) for m in MODALITIES]
+    from inspection.store import ModelStore
+
+    for name in names:
+        store = ModelStore(Path(args.store) / name)
+        targets = [args.version] if args.version else _uncalibrated_latest(store, args.seeds)
+        for version in targets:
+            v = calibrate_version(args.store, name, version, method=args.method, target_far=args.target_far,
+                                  device=args.device)
+            print(json.dumps({"model": name, "from": version, "version": v.version,
+                              "calibration": v.card["calibration"]}, default=_plain_json), flush=True)
+    return 0
+
+
+def _plain_json(obj):
+    """JSON fallback for the store's read-only card mappings and sequences."""
+    from collections.abc import Mapping, Sequence
+
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, Sequence) and not isinstance(obj, str | bytes):
+        return list(obj)
+    return str(obj)
+
+
+def _uncalibrated_latest(store, seeds) -> list[str]:
+    """The newest uncalibrated version per seed (or the promoted one when no seeds are given)."""
+    if not seeds:
+        promoted = store.promoted()
+        if promoted is None:
+            raise ConfigError(f"no promoted model in {store.root}")
+        return [promoted.version]
+    latest = {}
+    for v in store.versions():
+        if v.card.get("seed") in seeds and not v.card.get("threshold_version"):
+            latest[v.card["seed"]] = v.version
+    missing = [s for s in seeds if s not in latest]
+    if missing:
+        raise ConfigError(f"{store.root} has no uncalibrated model for seed(s) {missing}")
+    return [latest[s] for s in seeds]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.bench == "skab":
+        from inspection.skab_protocol import evaluate_skab
+
+        path = evaluate_skab(results_dir=args.results, seed=args.seeds[0] if args.seeds else 0)
+    else:
+        from inspection.experiments import evaluate_bench
+
+        path = evaluate_bench(args.bench, args.store, args.seeds or [0], device=args.device, tta=args.tta,
+                              results_dir=args.results, plots_dir=args.plots)
+    print(json.dumps(json.loads(Path(path).read_text())["summary"], indent=1))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from inspection.store import ModelStore
+
+    store = ModelStore(args.store)
+    if args.action == "list":
+        for v in store.versions():
+            card = v.card
+            print(json.dumps({"version": v.version, "promoted": v.promoted, "created": v.created,
+                              "bench": card.get("bench"), "seed": card.get("seed"),
+                              "threshold_version": card.get("threshold_version"), "sha256": v.sha256[:16]}))
+        return 0
+    if args.action == "promote" and not args.version:
+        raise ConfigError("`inspection models promote` needs the version to promote (see `inspection models list`)")
+    v = store.promote(args.version) if args.action == "promote" else store.rollback()
+    print(json.dumps({"promoted": v.version}))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inspection", description="Multimodal industrial inspection service.")
@@ -392,6 +497,53 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--partitions", type=int, default=3)
     de.add_argument("--out", default="runs/demo", help="output folder (broker log, history, summary)")
     de.set_defaults(func=cmd_demo)
+    bench_choices = ["elpv", "bearings", "composite", "skab"]
+    tr = sub.add_parser("train", help="train a model on a benchmark split and save it to the model store")
+    tr.add_argument("--bench", choices=bench_choices, required=True)
+    tr.add_argument("--seed", type=int, default=0, help="split and training seed")
+    tr.add_argument("--seeds", type=int, nargs="*", help="train one model per seed (overrides --seed)")
+    tr.add_argument("--modalities", help="comma-separated subset (composite single-modality baselines)")
+    tr.add_argument("--epochs", type=int, default=20)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--backbone-lr", type=float, default=3e-4)
+    tr.add_argument("--dim", type=int, default=256)
+    tr.add_argument("--image-size", type=int, default=224)
+    tr.add_argument("--no-moe", action="store_true", help="dense feed-forward instead of the sparse MoE")
+    tr.add_argument("--no-amp", action="store_true")
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    tr.add_argument("--store", default="models", help="model store root")
+    tr.add_argument("--out", default="runs", help="run folder root (checkpoints, curves)")
+    tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    tr.set_defaults(func=cmd_train)
+
+    ca = sub.add_parser("calibrate", help="choose per-line thresholds on validation data; saves a new version")
+    ca.add_argument("--bench", choices=bench_choices, required=True)
+    ca.add_argument("--modalities")
+    ca.add_argument("--all-baselines", action="store_true", help="composite: also the single-modality models")
+    ca.add_argument("--version", help="the version to calibrate (default: newest uncalibrated per seed / promoted)")
+    ca.add_argument("--seeds", type=int, nargs="*")
+    ca.add_argument("--method", choices=["max_f1", "far"], default="max_f1")
+    ca.add_argument("--target-far", type=float, default=0.01)
+    ca.add_argument("--device", default="cpu")
+    ca.add_argument("--store", default="models")
+    ca.set_defaults(func=cmd_calibrate)
+
+    ev = sub.add_parser("evaluate", help="evaluate calibrated models on a benchmark's test split")
+    ev.add_argument("--bench", choices=bench_choices, required=True)
+    ev.add_argument("--seeds", type=int, nargs="*")
+    ev.add_argument("--tta", action="store_true", help="average the 4 rotations of images")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--store", default="models")
+    ev.add_argument("--results", default="bench/results")
+    ev.add_argument("--plots", default="runs/plots")
+    ev.set_defaults(func=cmd_evaluate)
+
+    mo = sub.add_parser("models", help="list, promote or roll back stored model versions")
+    mo.add_argument("action", choices=["list", "promote", "rollback"])
+    mo.add_argument("version", nargs="?")
+    mo.add_argument("--store", required=True, help="a model family's store, e.g. models/elpv")
+    mo.set_defaults(func=cmd_models)
     return p
 
 

@@ -460,6 +460,15 @@ def _parse_csv(path: Path) -> np.ndarray:
 def _signal(csv: Path, samples: int) -> np.ndarray:
     """The CSV's samples as float32, from the ``.npy`` beside it when that is present and not older."""
     npy = csv.with_suffix(".npy")
+    if not csv.exists():  # a compact copy: the float32 .npy and the metadata, without the CSV
+        try:
+            cached = np.load(npy, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"bearing signal {npy}: cannot read it ({exc})") from exc
+        if cached.dtype != np.float32 or cached.shape != (samples,) or not bool(np.isfinite(cached).all()):
+            raise DataError(f"bearing signal {npy}: expected {samples} finite float32 samples; found "
+                            f"{cached.dtype} {cached.shape}")
+        return cached
     try:
         if npy.stat().st_mtime >= csv.stat().st_mtime:
             cached = np.load(npy, allow_pickle=False)
@@ -554,10 +563,12 @@ def load_bearings(root: Path | str | None = None) -> list[BearingRecording]:
     recordings: list[BearingRecording] = []
     for split in SPLITS:
         folder = base / "signals" / f"real_{split}"
-        csvs = sorted(folder.glob("*.csv")) if folder.is_dir() else []
+        # recordings are <name>.csv (as packaged) or, in a compact copy, <name>.npy beside <name>_metadata.json
+        stems = {p.stem for p in folder.glob("*.csv")} | {p.stem for p in folder.glob("*.npy")} if folder.is_dir() else set()
+        csvs = [folder / f"{stem}.csv" for stem in sorted(stems)]
         if not csvs:
             raise DataError(
-                f"bearing folder {folder}: expected <name>.csv recordings; found none. "
+                f"bearing folder {folder}: expected <name>.csv (or <name>.npy) recordings; found none. "
                 "Delete the extraction so it is fetched again, or fix the root."
             )
         recordings.extend(_recording(csv, split) for csv in csvs)

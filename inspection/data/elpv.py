@@ -8,6 +8,7 @@ defective when p >= 0.5 (the protocol of Deitsch et al. 2019). Licence: CC BY-NC
 from __future__ import annotations
 
 import importlib.resources
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,10 +62,12 @@ class ElpvItem:
         return self.path.read_bytes()
 
     def image(self) -> np.ndarray:
-        """Decoded pixels ``[300, 300]`` uint8."""
+        """Decoded pixels ``[300, 300]`` uint8 (as packaged)."""
         from inspection.codec import CodecLimits, decode_image
+        from inspection.records import sniff_image_type
 
-        return decode_image(self.read_bytes(), "image/png", CodecLimits())
+        data = self.read_bytes()
+        return decode_image(data, sniff_image_type(data) or "image/png", CodecLimits())
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,14 @@ def _package_root() -> Path:
 
 
 def load_elpv(root: Path | str | None = None) -> ElpvDataset:
-    """Read the ELPV labels (and image paths) from the installed package or ``root`` (a folder with labels.csv).
+    """Read the ELPV labels (and image paths) from the installed package, or from ``root`` /
+    ``$INSPECTION_ELPV_DIR`` (a folder with labels.csv and the images it lists, e.g. a resized copy).
 
     Raises:
         DataError: when the labels or any image is missing, or a label is outside the published values.
     """
+    if root is None and os.environ.get("INSPECTION_ELPV_DIR"):
+        root = os.environ["INSPECTION_ELPV_DIR"]
     root = Path(root) if root is not None else _package_root()
     labels = root / "labels.csv"
     if not labels.is_file():

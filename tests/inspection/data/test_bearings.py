@@ -314,3 +314,23 @@ def test_a_signal_shorter_than_its_metadata_is_an_error(tmp_path: Path) -> None:
 def test_a_root_without_recordings_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="real_train"):
         load_bearings(tmp_path)
+
+
+def test_compact_copy_without_csvs_loads_the_same_recordings(tmp_path):
+    """A folder of the float32 .npy signals and their metadata (no CSVs) is a complete copy."""
+    import shutil
+
+    originals = bearings.load_bearings()
+    source = bearings.fetch_bearings()
+    for split in ("train", "test"):
+        folder = tmp_path / "signals" / f"real_{split}"
+        folder.mkdir(parents=True)
+        for p in (source / "signals" / f"real_{split}").iterdir():
+            if p.suffix in (".npy", ".json"):
+                shutil.copy(p, folder / p.name)
+    assert not list(tmp_path.rglob("*.csv"))
+    copies = bearings.load_bearings(tmp_path)
+    assert [r.name for r in copies] == [r.name for r in originals]
+    for a, b in zip(copies, originals, strict=True):
+        assert a.label == b.label and a.sample_rate_hz == b.sample_rate_hz
+        np.testing.assert_array_equal(a.signal, b.signal)

@@ -1,0 +1,434 @@
+"""Training: supervised fitting of the fusion model, resumable, seeded, with curves.
+
+B batch · M modalities · K classes
+
+Supervised loss = BCE(defect) + ``class_weight`` · CE(class) + ``modality_weight`` · BCE(per-modality culprit).
+Modality dropout hides present modalities at random (one always stays); the targets are recomputed from the
+culprits that remain visible, so the model never learns to report a defect it cannot see. After every optimizer
+step each MoE layer's expert bias moves toward balanced load (aux-loss-free balancing).
+
+Everything is preprocessed once (numpy) and held as tensors; vision augmentation (flips, 90° rotations) runs on
+the batch on the training device. bf16 autocast on CUDA, fp32 on CPU. A checkpoint (safetensors + JSON, no pickle)
+is written after every epoch; ``resume=True`` continues from it. Per-epoch shuffles derive from (seed, epoch),
+so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from inspection.config import from_dict
+from inspection.errors import ConfigError, DataError
+from inspection.model import Batch, InspectionModel, ModelConfig
+from inspection.records import MODALITIES, Unit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Attributes:
+    epochs: passes over the training units.
+    batch_size: units per step.
+    lr: learning rate of everything trained from scratch (bridge, heads, non-image encoders).
+    backbone_lr: learning rate of a pretrained vision backbone.
+    weight_decay: AdamW weight decay.
+    warmup_frac: share of steps with a linear warm-up, then cosine decay to 0.
+    class_weight, modality_weight: weights of the class and per-modality losses.
+    augment: random flips / 90° rotations of images (solar cells and most parts look alike in any orientation).
+    grad_clip: global gradient norm clip.
+    amp: bf16 autocast on CUDA.
+    seed: seeds initialisation, shuffling, dropout and augmentation.
+    device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    """
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr: float = 3e-4
+    weight_decay: float = 0.02
+    warmup_frac: float = 0.05
+    class_weight: float = 0.5
+    modality_weight: float = 0.3
+    augment: bool = True
+    grad_clip: float = 1.0
+    amp: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be >= 1; got {self.epochs}, {self.batch_size}")
+        if not (self.lr > 0 and self.backbone_lr > 0):
+            raise ConfigError("learning rates must be > 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda; got {self.device!r}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' asked for but no CUDA device is available")
+        return torch.device(self.device)
+
+
+@dataclass
+class Targets:
+    """Training targets of a set of units: ``defect [B]``, ``klass [B]``, ``culprit [B, M]`` (float 0/1)."""
+
+    defect: torch.Tensor
+    klass: torch.Tensor
+    culprit: torch.Tensor
+
+
+def targets_for(units: Sequence[Unit], class_names: Sequence[str]) -> Targets:
+    """Targets from labels; every unit must be labelled with a class the model knows."""
+    index = {c: i for i, c in enumerate(class_names)}
+    defect, klass, culprit = [], [], []
+    for u in units:
+        if u.label is None:
+            raise DataError(f"unit {u.unit_id} has no label; supervised training needs labelled units")
+        if u.label.defect_class not in index:
+            raise DataError(f"unit {u.unit_id} has class {u.label.defect_class!r}; the model knows {list(class_names)}")
+        defect.append(float(u.label.defect))
+        klass.append(index[u.label.defect_class])
+        culprit.append([float(m in u.label.culprits) for m in MODALITIES])
+    return Targets(torch.tensor(defect), torch.tensor(klass, dtype=torch.long), torch.tensor(culprit))
+
+
+def drop_modalities(present: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Hide each present modality with probability ``p``, keeping at least one per unit. ``[B, M] -> [B, M]``."""
+    if p <= 0:
+        return present
+    keep = (torch.rand(present.shape, generator=generator) >= p) & present
+    empty = ~keep.any(dim=1)
+    if empty.any():  # restore one random present modality where everything was dropped
+        scores = torch.rand(present.shape, generator=generator).masked_fill(~present, -1.0)
+        choice = scores.argmax(dim=1)
+        keep[empty, choice[empty]] = True
+    return keep
+
+
+def visible_targets(t: Targets, visible: torch.Tensor, class_names: Sequence[str]) -> Targets:
+    """Targets after hiding modalities: a defect whose every culprit is hidden is not visible, so the unit counts
+    as ``ok``; a ``multiple`` unit with one culprit left takes that culprit's class when the model has it."""
+    culprit = t.culprit * visible.float()
+    seen = culprit.sum(dim=1)
+    defect = (seen > 0).float()
+    klass = t.klass.clone()
+    klass[seen == 0] = 0
+    changed = (seen > 0) & (seen < t.culprit.sum(dim=1))
+    for i in changed.nonzero(as_tuple=True)[0].tolist():
+        if seen[i] == 1:
+            m = MODALITIES[int(culprit[i].argmax())]
+            if m in class_names:
+                klass[i] = class_names.index(m)
+    return Targets(defect, klass, culprit)
+
+
+def supervised_loss(out, t: Targets, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    present = out.present.float()
+    bce = F.binary_cross_entropy_with_logits(out.defect_logit.float(), t.defect)
+    ce = F.cross_entropy(out.class_logits.float(), t.klass)
+    per_mod = F.binary_cross_entropy_with_logits(out.modality_logits.float(), t.culprit, reduction="none")
+    mod = (per_mod * present).sum() / present.sum().clamp_min(1.0)
+    loss = bce + cfg.class_weight * ce + cfg.modality_weight * mod
+    parts = {"loss": loss, "bce": bce, "ce": ce, "modality": mod}
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+class PreparedSet:
+    """Units preprocessed once and collated into one big :class:`Batch` plus targets; batches are index slices."""
+
+    def __init__(self, model: InspectionModel, units: Sequence[Unit], class_names: Sequence[str],
+                 progress: Callable[[int], None] | None = None) -> None:
+        if not units:
+            raise DataError("no units to prepare")
+        prepared = []
+        for u in units:
+            prepared.append(model.prepare(u))
+            if progress:
+                progress(1)
+        self.batch = model.collate(prepared, [u.line_id for u in units])
+        self.targets = targets_for(units, class_names)
+        self.unit_ids = [u.unit_id for u in units]
+
+    def __len__(self) -> int:
+        return len(self.unit_ids)
+
+    def take(self, idx: torch.Tensor) -> tuple[Batch, Targets]:
+        b = self.batch
+        batch = Batch({m: {k: v[idx] for k, v in d.items()} for m, d in b.inputs.items()}, b.present[idx],
+                      b.line_index[idx])
+        t = self.targets
+        return batch, Targets(t.defect[idx], t.klass[idx], t.culprit[idx])
+
+
+def augment_images(batch: Batch, generator: torch.Generator) -> Batch:
+    """Random horizontal/vertical flips and 90° rotations of each image (in place on a batch copy)."""
+    if "vision" not in batch.inputs:
+        return batch
+    img = batch.inputs["vision"]["image"]
+    out = img.clone()
+    flips = torch.randint(0, 2, (img.shape[0], 2), generator=generator)
+    rots = torch.randint(0, 4, (img.shape[0],), generator=generator)
+    for i in range(img.shape[0]):
+        x = img[i]
+        if flips[i, 0]:
+            x = x.flip(-1)
+        if flips[i, 1]:
+            x = x.flip(-2)
+        out[i] = torch.rot90(x, int(rots[i]), dims=(-2, -1))
+    inputs = dict(batch.inputs)
+    inputs["vision"] = {**batch.inputs["vision"], "image": out}
+    return Batch(inputs, batch.present, batch.line_index)
+
+
+@dataclass
+class TrainResult:
+    """Attributes:
+    history: one dict of metrics per epoch.
+    seconds: wall time of training (without preprocessing).
+    """
+
+    model: InspectionModel
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _param_groups(model: InspectionModel, cfg: TrainConfig) -> list[dict]:
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        (backbone if ".backbone." in f".{name}" else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.backbone_lr})
+    return groups
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _save_checkpoint(path: Path, model: InspectionModel, opt: torch.optim.Optimizer, epoch: int,
+                     history: list[dict]) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = opt.state_dict()
+    for pid, st in state["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
+    tmp = path.with_suffix(".partial")
+    save_file(tensors, str(tmp))
+    tmp.replace(path.with_suffix(".safetensors"))
+    meta = {"epoch": epoch, "history": history, "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                                 for g in state["param_groups"]]}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+
+
+def _load_checkpoint(path: Path, model: InspectionModel, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state = opt.state_dict()
+    for pid in list(state["state"].keys()) or range(sum(len(g["params"]) for g in state["param_groups"])):
+        entry = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{pid}.")}
+        if entry:
+            state["state"][pid] = entry
+    for g, saved in zip(state["param_groups"], meta["param_groups"], strict=True):
+        g.update(saved)
+    opt.load_state_dict(state)
+    return int(meta["epoch"]), list(meta["history"])
+
+
+def plot_curves(history: Sequence[dict], path: Path) -> None:
+    """Loss and validation metric curves as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    if any("val_loss" in h for h in history):
+        axes[0].plot(epochs, [h.get("val_loss", float("nan")) for h in history], label="val loss")
+    axes[0].set_xlabel("epoch")
+    axes[0].legend()
+    for key in ("val_auroc", "val_accuracy", "val_class_accuracy"):
+        if any(key in h for h in history):
+            axes[1].plot(epochs, [h.get(key, float("nan")) for h in history], label=key.removeprefix("val_"))
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylim(0, 1.02)
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def predict(model: InspectionModel, data: PreparedSet, device: torch.device, batch_size: int = 64,
+            tta: bool = False, amp: bool = True) -> dict[str, np.ndarray]:
+    """Scores of a prepared set: ``score [B]`` (defect probability), ``class_prob [B, K]``,
+    ``modality_score [B, M]`` (NaN where absent). ``tta`` averages the 4 rotations of images."""
+    model.eval()
+    scores, probs, mods = [], [], []
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        batch, _ = data.take(idx)
+        batch = batch.to(device)
+        views = [batch]
+        if tta and "vision" in batch.inputs:
+            img = batch.inputs["vision"]["image"]
+            views = [Batch({**batch.inputs, "vision": {**batch.inputs["vision"], "image": torch.rot90(img, r, (-2, -1))}},
+                           batch.present, batch.line_index) for r in range(4)]
+        logit = cls = mod = 0.0
+        for v in views:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                out = model(v)
+            logit = logit + out.defect_logit.float() / len(views)
+            cls = cls + torch.softmax(out.class_logits.float(), -1) / len(views)
+            mod = mod + out.modality_logits.float() / len(views)
+        scores.append(torch.sigmoid(logit).cpu())
+        probs.append(cls.cpu())
+        m = torch.sigmoid(mod).cpu()
+        m[~batch.present.cpu()] = float("nan")
+        mods.append(m)
+    return {"score": torch.cat(scores).numpy(), "class_prob": torch.cat(probs).numpy(),
+            "modality_score": torch.cat(mods).numpy()}
+
+
+def _val_metrics(model, val: PreparedSet, device, cfg: TrainConfig) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    pred = predict(model, val, device, amp=cfg.amp)
+    y = val.targets.defect.numpy()
+    out = {"val_accuracy": float(((pred["score"] >= 0.5) == (y > 0.5)).mean()),
+           "val_class_accuracy": float((pred["class_prob"].argmax(1) == val.targets.klass.numpy()).mean())}
+    if 0 < y.sum() < len(y):
+        out["val_auroc"] = float(roc_auc_score(y, pred["score"]))
+    model.eval()
+    with torch.no_grad():
+        losses = []
+        for start in range(0, len(val), 64):
+            idx = torch.arange(start, min(start + 64, len(val)))
+            batch, t = val.take(idx)
+            out_v = model(batch.to(device))
+            losses.append(supervised_loss(out_v, Targets(t.defect.to(device), t.klass.to(device),
+                                                         t.culprit.to(device)), cfg)[0].item() * len(idx))
+        out["val_loss"] = float(sum(losses) / len(val))
+    return out
+
+
+def train_supervised(
+    model_config: ModelConfig,
+    train_units: Sequence[Unit],
+    val_units: Sequence[Unit] | None,
+    cfg: TrainConfig,
+    out_dir: Path | str,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model on labelled units; writes ``checkpoint.*``, ``history.json``, ``curves.png`` and
+    ``train_config.json`` / ``model_config.json`` (the resolved configs) into ``out_dir``."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    device = cfg.resolve_device()
+    model = InspectionModel(model_config)
+    (out_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=1))
+    (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    bar = tqdm(total=len(train_units) + len(val_units or ()), desc="preprocess", unit="unit", disable=None if progress else True)
+    train = PreparedSet(model, train_units, model_config.class_names, bar.update)
+    val = PreparedSet(model, val_units, model_config.class_names, bar.update) if val_units else None
+    bar.close()
+    fit_n = min(len(train), 2048)
+    model.fit_normalisation(train.take(torch.arange(fit_n))[0])
+    model.to(device)
+
+    opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(total * cfg.warmup_frac))
+    ckpt = out_dir / "checkpoint"
+    history: list[dict] = []
+    start_epoch = 0
+    if resume and ckpt.with_suffix(".json").exists():
+        start_epoch, history = _load_checkpoint(ckpt, model, opt)
+        log.info("resumed from epoch %d", start_epoch)
+    moe_layers = [layer.ffn for layer in model.bridge.layers if hasattr(layer.ffn, "update_bias")]
+
+    t_start = time.monotonic()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(train), generator=gen)
+        sums: dict[str, float] = {}
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress else True)
+        for s in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + s
+            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+                g["lr"] = lr * _lr_factor(step, total, warmup)
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            batch, t = train.take(idx)
+            present = drop_modalities(batch.present, model_config.modality_dropout, gen)
+            t = visible_targets(t, present, model_config.class_names)
+            if cfg.augment:
+                batch = augment_images(batch, gen)
+            batch = batch.to(device)
+            t = Targets(t.defect.to(device), t.klass.to(device), t.culprit.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                out = model(batch, present.to(device))
+                loss, parts = supervised_loss(out, t, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            for layer, stats in zip(moe_layers, out.router_stats, strict=True):
+                layer.update_bias(stats.counts.to(layer.expert_bias.device))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.3f}")
+        bar.close()
+        row = {"epoch": epoch + 1, "train_loss": sums["loss"] / steps_per_epoch,
+               **{f"train_{k}": v / steps_per_epoch for k, v in sums.items() if k != "loss"}}
+        if out.router_stats:
+            row["max_load_ratio"] = float(max(s.max_load_ratio for s in out.router_stats))
+        if val is not None:
+            row.update(_val_metrics(model, val, device, cfg))
+        history.append(row)
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+        _save_checkpoint(ckpt, model, opt, epoch + 1, history)
+    seconds = time.monotonic() - t_start
+    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    try:
+        plot_curves(history, out_dir / "curves.png")
+    except ImportError:  # pragma: no cover - plotting is optional on minimal machines
+        log.warning("matplotlib is not installed: no curves.png")
+    model.cpu().eval()
+    return TrainResult(model, history, seconds)
+
+
+def load_train_config(data: dict) -> TrainConfig:
+    return from_dict(TrainConfig, data)
