@@ -158,7 +158,7 @@ def load_bench(bench: str, seed: int, **kw) -> BenchData:
 def default_model_config(bench: str, *, dim: int = 256, image_size: int = 224, modalities: Sequence[str] | None = None,
                          moe: bool = True) -> ModelConfig:
     """The model each benchmark trains by default (``modalities`` restricts a composite model, e.g. to one)."""
-    vision = EncoderSpec("vision", {"preprocess": {"image_size": image_size}})
+    vision = EncoderSpec("vision", {"drop_path": 0.2, "preprocess": {"image_size": image_size}})
     waveform = EncoderSpec("waveform")
     temperature = EncoderSpec("series", {"modality": "temperature", "channel_names": ["engine", "fluid"],
                                          "preprocess": {"channels": 2, "samples": 60}})

@@ -52,6 +52,7 @@ class ModelConfig:
     bridge: the fusion bridge (its ``dim`` is every encoder's width).
     class_names: defect classes of the class head (``ok`` first).
     modality_dropout: in training, the probability of hiding each present modality (one always stays).
+    head_dropout: dropout on the fused representation before the heads.
     lines: production lines with their own threshold; ``*`` is the default for any other line.
     """
 
@@ -59,6 +60,7 @@ class ModelConfig:
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     class_names: tuple[str, ...] = ("ok", "defect")
     modality_dropout: float = 0.25
+    head_dropout: float = 0.2
     lines: tuple[str, ...] = (DEFAULT_LINE,)
 
     def __post_init__(self) -> None:
@@ -162,6 +164,7 @@ class InspectionModel(nn.Module):
                 raise ConfigError(f"encoder {config.encoders[m].name!r} reads {enc.modality}, not {m}")
         self.bridge = FusionBridge(config.bridge)
         self.head_norm = nn.LayerNorm(dim)
+        self.head_drop = nn.Dropout(config.head_dropout)
         self.defect_head = nn.Linear(dim, 1)
         self.class_head = nn.Linear(dim, len(config.class_names))
         self.modality_heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
@@ -246,9 +249,13 @@ class InspectionModel(nn.Module):
         A mask may only remove modalities a unit has; modalities it lacks stay absent.
         """
         present = encoded.present if present is None else present & encoded.present
-        key_mask = ~present[:, encoded.modality_index]  # [B, N] True = hidden
-        bridged = self.bridge(encoded.tokens, encoded.modality_index, key_mask)
-        pooled = self.head_norm(bridged.pooled)  # [B, D]
+        visible = present[:, encoded.modality_index]  # [B, N] True = visible
+        bridged = self.bridge(encoded.tokens, encoded.modality_index, ~visible)
+        # residual global pooling: the mean of every visible token (for one modality, global average pooling of
+        # its features); the bridge's queries add the cross-modal interactions on top
+        weights = visible.to(encoded.tokens.dtype)
+        token_mean = (encoded.tokens * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+        pooled = self.head_drop(self.head_norm(bridged.pooled + token_mean.to(bridged.pooled.dtype)))  # [B, D]
         b = encoded.tokens.shape[0]
         modality_logits = torch.zeros(b, len(MODALITIES), device=pooled.device, dtype=pooled.dtype)
         for m, sl in encoded.slices.items():

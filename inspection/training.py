@@ -46,7 +46,9 @@ class TrainConfig:
     weight_decay: AdamW weight decay.
     warmup_frac: share of steps with a linear warm-up, then cosine decay to 0.
     class_weight, modality_weight: weights of the class and per-modality losses.
-    augment: random flips / 90° rotations of images (solar cells and most parts look alike in any orientation).
+    label_smoothing: of the class loss.
+    augment: random flips / 90° rotations of images (solar cells and most parts look alike in any orientation)
+        and a mild brightness/contrast jitter.
     grad_clip: global gradient norm clip.
     amp: bf16 autocast on CUDA.
     seed: seeds initialisation, shuffling, dropout and augmentation.
@@ -61,6 +63,7 @@ class TrainConfig:
     warmup_frac: float = 0.05
     class_weight: float = 0.5
     modality_weight: float = 0.3
+    label_smoothing: float = 0.1
     augment: bool = True
     grad_clip: float = 1.0
     amp: bool = True
@@ -111,10 +114,10 @@ def drop_modalities(present: torch.Tensor, p: float, generator: torch.Generator)
     """Hide each present modality with probability ``p``, keeping at least one per unit. ``[B, M] -> [B, M]``."""
     if p <= 0:
         return present
-    keep = (torch.rand(present.shape, generator=generator) >= p) & present
+    keep = (torch.rand(present.shape, generator=generator).to(present.device) >= p) & present
     empty = ~keep.any(dim=1)
     if empty.any():  # restore one random present modality where everything was dropped
-        scores = torch.rand(present.shape, generator=generator).masked_fill(~present, -1.0)
+        scores = torch.rand(present.shape, generator=generator).to(present.device).masked_fill(~present, -1.0)
         choice = scores.argmax(dim=1)
         keep[empty, choice[empty]] = True
     return keep
@@ -140,7 +143,7 @@ def visible_targets(t: Targets, visible: torch.Tensor, class_names: Sequence[str
 def supervised_loss(out, t: Targets, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     present = out.present.float()
     bce = F.binary_cross_entropy_with_logits(out.defect_logit.float(), t.defect)
-    ce = F.cross_entropy(out.class_logits.float(), t.klass)
+    ce = F.cross_entropy(out.class_logits.float(), t.klass, label_smoothing=cfg.label_smoothing)
     per_mod = F.binary_cross_entropy_with_logits(out.modality_logits.float(), t.culprit, reduction="none")
     mod = (per_mod * present).sum() / present.sum().clamp_min(1.0)
     loss = bce + cfg.class_weight * ce + cfg.modality_weight * mod
@@ -167,8 +170,15 @@ class PreparedSet:
     def __len__(self) -> int:
         return len(self.unit_ids)
 
+    def to(self, device: torch.device) -> PreparedSet:
+        self.batch = self.batch.to(device)
+        t = self.targets
+        self.targets = Targets(t.defect.to(device), t.klass.to(device), t.culprit.to(device))
+        return self
+
     def take(self, idx: torch.Tensor) -> tuple[Batch, Targets]:
         b = self.batch
+        idx = idx.to(b.present.device)
         batch = Batch({m: {k: v[idx] for k, v in d.items()} for m, d in b.inputs.items()}, b.present[idx],
                       b.line_index[idx])
         t = self.targets
@@ -176,20 +186,23 @@ class PreparedSet:
 
 
 def augment_images(batch: Batch, generator: torch.Generator) -> Batch:
-    """Random horizontal/vertical flips and 90° rotations of each image (in place on a batch copy)."""
+    """Random flips, 90° rotations and a mild brightness/contrast jitter of each image, on the batch's device."""
     if "vision" not in batch.inputs:
         return batch
-    img = batch.inputs["vision"]["image"]
-    out = img.clone()
-    flips = torch.randint(0, 2, (img.shape[0], 2), generator=generator)
-    rots = torch.randint(0, 4, (img.shape[0],), generator=generator)
-    for i in range(img.shape[0]):
-        x = img[i]
-        if flips[i, 0]:
-            x = x.flip(-1)
-        if flips[i, 1]:
-            x = x.flip(-2)
-        out[i] = torch.rot90(x, int(rots[i]), dims=(-2, -1))
+    img = batch.inputs["vision"]["image"]  # [B, 3, S, S]
+    b = img.shape[0]
+    draw = lambda *shape: torch.rand(shape, generator=generator).to(img.device)  # noqa: E731
+    out = torch.where(draw(b, 1, 1, 1) < 0.5, img.flip(-1), img)
+    out = torch.where(draw(b, 1, 1, 1) < 0.5, out.flip(-2), out)
+    rot = (draw(b) * 4).long().clamp_max(3)
+    for r in range(1, 4):
+        sel = rot == r
+        if sel.any():
+            out[sel] = torch.rot90(out[sel], r, dims=(-2, -1))
+    gain = 1.0 + (draw(b, 1, 1, 1) - 0.5) * 0.2  # contrast x0.9-1.1
+    offset = (draw(b, 1, 1, 1) - 0.5) * 0.1  # brightness +-0.05 (normalised units)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * gain + mean + offset
     inputs = dict(batch.inputs)
     inputs["vision"] = {**batch.inputs["vision"], "image": out}
     return Batch(inputs, batch.present, batch.line_index)
@@ -284,7 +297,7 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
 def predict(model: InspectionModel, data: PreparedSet, device: torch.device, batch_size: int = 64,
             tta: bool = False, amp: bool = True) -> dict[str, np.ndarray]:
     """Scores of a prepared set: ``score [B]`` (defect probability), ``class_prob [B, K]``,
-    ``modality_score [B, M]`` (NaN where absent). ``tta`` averages the 4 rotations of images."""
+    ``modality_score [B, M]`` (NaN where absent). ``tta`` averages the 8 flips/rotations of images."""
     model.eval()
     scores, probs, mods = [], [], []
     for start in range(0, len(data), batch_size):
@@ -294,8 +307,9 @@ def predict(model: InspectionModel, data: PreparedSet, device: torch.device, bat
         views = [batch]
         if tta and "vision" in batch.inputs:
             img = batch.inputs["vision"]["image"]
-            views = [Batch({**batch.inputs, "vision": {**batch.inputs["vision"], "image": torch.rot90(img, r, (-2, -1))}},
-                           batch.present, batch.line_index) for r in range(4)]
+            views = [Batch({**batch.inputs, "vision": {**batch.inputs["vision"],
+                                                       "image": torch.rot90(im, r, (-2, -1))}},
+                           batch.present, batch.line_index) for im in (img, img.flip(-1)) for r in range(4)]
         logit = cls = mod = 0.0
         for v in views:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
@@ -316,9 +330,9 @@ def _val_metrics(model, val: PreparedSet, device, cfg: TrainConfig) -> dict[str,
     from sklearn.metrics import roc_auc_score
 
     pred = predict(model, val, device, amp=cfg.amp)
-    y = val.targets.defect.numpy()
+    y = val.targets.defect.cpu().numpy()
     out = {"val_accuracy": float(((pred["score"] >= 0.5) == (y > 0.5)).mean()),
-           "val_class_accuracy": float((pred["class_prob"].argmax(1) == val.targets.klass.numpy()).mean())}
+           "val_class_accuracy": float((pred["class_prob"].argmax(1) == val.targets.klass.cpu().numpy()).mean())}
     if 0 < y.sum() < len(y):
         out["val_auroc"] = float(roc_auc_score(y, pred["score"]))
     model.eval()
@@ -364,6 +378,10 @@ def train_supervised(
     fit_n = min(len(train), 2048)
     model.fit_normalisation(train.take(torch.arange(fit_n))[0])
     model.to(device)
+    if device.type == "cuda":  # the whole prepared set lives on the GPU: no host copies per step
+        train.to(device)
+        if val is not None:
+            val.to(device)
 
     opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -393,9 +411,9 @@ def train_supervised(
             batch, t = train.take(idx)
             present = drop_modalities(batch.present, model_config.modality_dropout, gen)
             t = visible_targets(t, present, model_config.class_names)
+            batch = batch.to(device)
             if cfg.augment:
                 batch = augment_images(batch, gen)
-            batch = batch.to(device)
             t = Targets(t.defect.to(device), t.klass.to(device), t.culprit.to(device))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                 out = model(batch, present.to(device))
