@@ -1,7 +1,8 @@
 """Calibration: per-line decision thresholds chosen on validation data, stored as model buffers.
 
-Two methods: ``max_f1`` (the threshold that maximises F1 on validation units) and ``far`` (the lowest threshold
-whose false-alarm rate on good validation units is at most ``target_far``). A line with too few validation units,
+Three methods: ``max_f1`` (the threshold that maximises F1 on validation units), ``far`` (the lowest threshold
+whose false-alarm rate on good validation units is at most ``target_far``) and ``max_accuracy`` (for benchmarks
+whose headline is accuracy). A line with too few validation units,
 or without both classes for max-F1, uses the default threshold fitted on all validation units; the model's
 ``*`` line is that default and serves every line it has never seen.
 """
@@ -19,7 +20,7 @@ import torch
 from inspection.errors import ConfigError
 from inspection.model import DEFAULT_LINE, InspectionModel
 
-METHODS = ("max_f1", "far")
+METHODS = ("max_f1", "far", "max_accuracy")
 MIN_LINE_UNITS = 30
 
 
@@ -61,14 +62,17 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, method: str = "max_
         allowed = int(np.floor(target_far * good.size))
         th = good[good.size - allowed - 1] if allowed < good.size else good[0]
         return float(np.nextafter(th, np.inf))
-    best, best_f1 = 0.5, -1.0
+    best, best_value = 0.5, -1.0
     pos = labels.sum()
     for t in candidates:
         pred = scores >= t
         tp = (pred & labels).sum()
-        f1 = 2 * tp / (pred.sum() + pos) if pred.sum() + pos else 0.0
-        if f1 > best_f1:
-            best, best_f1 = float(t), f1
+        if method == "max_f1":
+            value = 2 * tp / (pred.sum() + pos) if pred.sum() + pos else 0.0
+        else:
+            value = (tp + (~pred & ~labels).sum()) / len(labels)
+        if value > best_value:
+            best, best_value = float(t), value
     return best
 
 
@@ -91,7 +95,7 @@ def calibrate(model: InspectionModel, scores: np.ndarray, labels: np.ndarray, li
         sel = line_arr == line
         n_units[line] = int(sel.sum())
         usable = sel.sum() >= MIN_LINE_UNITS and (method == "far" and (~labels[sel]).any()
-                                                 or method == "max_f1" and 0 < labels[sel].sum() < sel.sum())
+                                                 or method != "far" and 0 < labels[sel].sum() < sel.sum())
         if usable:
             thresholds[line] = choose_threshold(scores[sel], labels[sel], method, target_far)
     lines = (DEFAULT_LINE, *sorted(k for k in thresholds if k != DEFAULT_LINE))

@@ -23,6 +23,9 @@ from inspection.model import InspectionModel
 from inspection.records import MODALITIES, Unit
 from inspection.training import PreparedSet, predict
 
+#: The command line that produced a result (set by the CLI; scripts fall back to sys.argv).
+COMMAND_LINE: str | None = None
+
 #: Published or measured reference numbers the tables compare with.
 ANCHORS = {
     "elpv": {"Deitsch et al. 2019 CNN": 0.8842, "Deitsch et al. 2019 SVM": 0.8244,
@@ -158,7 +161,7 @@ def write_result(bench: str, summary: dict, details: dict, results_dir: Path | s
         "benchmark": bench,
         "machine": machine_description(),
         "commit": current_commit(),
-        "command": " ".join(["inspection", *sys.argv[1:]]) if Path(sys.argv[0]).name == "inspection" else " ".join(sys.argv),
+        "command": COMMAND_LINE or " ".join(sys.argv),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         **summary,
     }

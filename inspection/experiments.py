@@ -141,12 +141,13 @@ def _calibrated_versions(store: ModelStore, seeds: Sequence[int]) -> dict[int, M
 
 def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, device: str = "cpu",
                    tta: bool = False, results_dir: Path | str = "bench/results",
-                   plots_dir: Path | str = "runs/plots") -> Path:
+                   plots_dir: Path | str = "runs/plots", note: str | None = None) -> Path:
     """Evaluate calibrated models of a bench on their test splits; write the result file."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     if bench == "composite":
-        return _evaluate_composite(store_root, seeds, device=device, results_dir=results_dir, plots_dir=plots_dir)
+        return _evaluate_composite(store_root, seeds, device=device, results_dir=results_dir, plots_dir=plots_dir,
+                                   note=note)
     store = ModelStore(Path(store_root) / bench)
     versions = _calibrated_versions(store, seeds)
     runs = []
@@ -173,13 +174,15 @@ def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, 
         "model_version": [r["model_version"] for r in runs],
         "tta": tta,
     }
+    if note:
+        summary["note"] = note
     if bench == "elpv":
         summary["class_accuracy_4"] = float(np.mean([r["metrics"]["class_accuracy"] for r in runs]))
     summary["auroc"] = float(np.mean([r["metrics"].get("auroc", float("nan")) for r in runs]))
     return write_result(bench, summary, {"runs": runs}, results_dir)
 
 
-def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir) -> Path:
+def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, note=None) -> Path:
     """Fused model vs each single-modality model vs late fusion; and the fused model with each modality removed."""
     root = Path(store_root)
     runs = []
@@ -227,6 +230,8 @@ def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir) ->
         "seed": list(seeds),
         "model_version": [r["model_version"] for r in runs],
     }
+    if note:
+        summary["note"] = note
     return write_result("composite", summary, {"runs": runs}, results_dir)
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
         and a mild brightness/contrast jitter.
     grad_clip: global gradient norm clip.
     amp: bf16 autocast on CUDA.
+    select_best: keep the epoch with the best validation score (AUROC, else loss) instead of the last one.
     seed: seeds initialisation, shuffling, dropout and augmentation.
     device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
@@ -67,6 +68,7 @@ class TrainConfig:
     augment: bool = True
     grad_clip: float = 1.0
     amp: bool = True
+    select_best: bool = True
     seed: int = 0
     device: str = "auto"
 
@@ -275,6 +277,7 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    history = [h for h in history if "epoch" in h]
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     axes[0].plot(epochs, [h["train_loss"] for h in history], label="train loss")
@@ -397,6 +400,7 @@ def train_supervised(
     moe_layers = [layer.ffn for layer in model.bridge.layers if hasattr(layer.ffn, "update_bias")]
 
     t_start = time.monotonic()
+    best: tuple[float, int, dict] | None = None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -437,8 +441,16 @@ def train_supervised(
             row.update(_val_metrics(model, val, device, cfg))
         history.append(row)
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+        if val is not None and cfg.select_best:
+            score = _selection_score(row)
+            if best is None or score > best[0]:
+                best = (score, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
         _save_checkpoint(ckpt, model, opt, epoch + 1, history)
     seconds = time.monotonic() - t_start
+    if best is not None:
+        model.load_state_dict(best[2])
+        history.append({"selected_epoch": best[1], "selection_score": best[0]})
+        log.info("selected epoch %d (validation score %.4f)", best[1], best[0])
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     try:
         plot_curves(history, out_dir / "curves.png")
@@ -446,6 +458,11 @@ def train_supervised(
         log.warning("matplotlib is not installed: no curves.png")
     model.cpu().eval()
     return TrainResult(model, history, seconds)
+
+
+def _selection_score(row: dict) -> float:
+    """Higher is better: validation AUROC when both classes are present, else minus the validation loss."""
+    return row["val_auroc"] if "val_auroc" in row else -row["val_loss"]
 
 
 def load_train_config(data: dict) -> TrainConfig:

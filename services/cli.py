@@ -411,7 +411,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from inspection.experiments import evaluate_bench
 
         path = evaluate_bench(args.bench, args.store, args.seeds or [0], device=args.device, tta=args.tta,
-                              results_dir=args.results, plots_dir=args.plots)
+                              results_dir=args.results, plots_dir=args.plots, note=args.note)
     print(json.dumps(json.loads(Path(path).read_text())["summary"], indent=1))
     return 0
 
@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--all-baselines", action="store_true", help="composite: also the single-modality models")
     ca.add_argument("--version", help="the version to calibrate (default: newest uncalibrated per seed / promoted)")
     ca.add_argument("--seeds", type=int, nargs="*")
-    ca.add_argument("--method", choices=["max_f1", "far"], default="max_f1")
+    ca.add_argument("--method", choices=["max_f1", "far", "max_accuracy"], default="max_f1")
     ca.add_argument("--target-far", type=float, default=0.01)
     ca.add_argument("--device", default="cpu")
     ca.add_argument("--store", default="models")
@@ -537,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--store", default="models")
     ev.add_argument("--results", default="bench/results")
     ev.add_argument("--plots", default="runs/plots")
+    ev.add_argument("--note", help="a fact the result must state (recorded in its summary)")
     ev.set_defaults(func=cmd_evaluate)
 
     mo = sub.add_parser("models", help="list, promote or roll back stored model versions")
@@ -549,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import inspection.evaluation as evaluation
+
+    evaluation.COMMAND_LINE = " ".join(["inspection", *(sys.argv[1:] if argv is None else argv)])
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
