@@ -400,7 +400,7 @@ def train_supervised(
     moe_layers = [layer.ffn for layer in model.bridge.layers if hasattr(layer.ffn, "update_bias")]
 
     t_start = time.monotonic()
-    best: tuple[float, int, dict] | None = None
+    best: tuple[tuple, int, dict] | None = None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -449,8 +449,8 @@ def train_supervised(
     seconds = time.monotonic() - t_start
     if best is not None:
         model.load_state_dict(best[2])
-        history.append({"selected_epoch": best[1], "selection_score": best[0]})
-        log.info("selected epoch %d (validation score %.4f)", best[1], best[0])
+        history.append({"selected_epoch": best[1], "selection_score": list(best[0])})
+        log.info("selected epoch %d (validation score %s)", best[1], best[0])
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     try:
         plot_curves(history, out_dir / "curves.png")
@@ -460,9 +460,10 @@ def train_supervised(
     return TrainResult(model, history, seconds)
 
 
-def _selection_score(row: dict) -> float:
-    """Higher is better: validation AUROC when both classes are present, else minus the validation loss."""
-    return row["val_auroc"] if "val_auroc" in row else -row["val_loss"]
+def _selection_score(row: dict) -> tuple[float, float, float]:
+    """Higher is better: validation AUROC (when both classes are present), then class accuracy (AUROC often
+    saturates at 1.0), then minus the validation loss."""
+    return (row.get("val_auroc", 0.0), row["val_class_accuracy"], -row["val_loss"])
 
 
 def load_train_config(data: dict) -> TrainConfig:
