@@ -360,9 +360,14 @@ def train_supervised(
     *,
     resume: bool = False,
     progress: bool = True,
+    stop_after_epoch: int | None = None,
 ) -> TrainResult:
     """Train a model on labelled units; writes ``checkpoint.*``, ``history.json``, ``curves.png`` and
-    ``train_config.json`` / ``model_config.json`` (the resolved configs) into ``out_dir``."""
+    ``train_config.json`` / ``model_config.json`` (the resolved configs) into ``out_dir``.
+
+    ``stop_after_epoch`` ends this run early, as an interruption would, leaving the checkpoint for ``resume``
+    (for time-limited jobs); the schedule still spans ``cfg.epochs``.
+    """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -401,7 +406,8 @@ def train_supervised(
 
     t_start = time.monotonic()
     best: tuple[tuple, int, dict] | None = None
-    for epoch in range(start_epoch, cfg.epochs):
+    last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
+    for epoch in range(start_epoch, last_epoch):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(len(train), generator=gen)

@@ -1,0 +1,168 @@
+"""Training, calibration, evaluation and the normal-only detector, on real samples and closed forms."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from inspection.anomaly import PCADetector, PCADetectorConfig
+from inspection.benches import bearings_bench, default_model_config
+from inspection.calibration import calibrate, choose_threshold
+from inspection.errors import ConfigError, NotCalibratedError
+from inspection.evaluation import evaluate_units
+from inspection.records import MODALITIES
+from inspection.training import (
+    PreparedSet,
+    Targets,
+    TrainConfig,
+    drop_modalities,
+    predict,
+    train_supervised,
+    visible_targets,
+)
+
+#: a tiny model on ~100 real windows still separates healthy from faulty bearings far better than chance
+MIN_TEST_AUROC = 0.75
+#: resuming replays the same batches and optimizer state: only float reassociation may differ
+RESUME_ATOL = 1e-5
+
+
+def tiny_config(**kw):
+    cfg = default_model_config("bearings", dim=32)
+    return cfg.__class__.from_dict({**cfg.to_dict(), "bridge": {**cfg.to_dict()["bridge"], "n_layers": 1,
+                                                                 "n_queries": 4, "n_heads": 4, "dropout": 0.0,
+                                                                 "moe": {**cfg.to_dict()["bridge"]["moe"],
+                                                                         "n_experts": 4, "hidden": 32}},
+                                    "head_dropout": 0.0, **kw})
+
+
+@pytest.fixture(scope="module")
+def bearing_data():
+    data = bearings_bench(0, train_hop_s=0.25, test_hop_s=0.25)
+    rng = np.random.default_rng(0)
+    pick = lambda units, n: [units[i] for i in sorted(rng.choice(len(units), min(n, len(units)), replace=False))]  # noqa: E731
+    return pick(data.train, 96), pick(data.val, 48), pick(data.test, 96)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_tiny_end_to_end_beats_chance(tmp_path, bearing_data):
+    train, val, test = bearing_data
+    cfg = TrainConfig(epochs=4, batch_size=16, device="cpu", seed=0)
+    result = train_supervised(tiny_config(), train, val, cfg, tmp_path, progress=False)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["selected_epoch"] in range(1, 5)
+    model = result.model
+    prepared = PreparedSet(model, val, model.config.class_names)
+    scores = predict(model, prepared, torch.device("cpu"))["score"]
+    model, cal = calibrate(model, scores, prepared.targets.defect.numpy() > 0.5, [u.line_id for u in val])
+    assert model.calibrated and cal.version.startswith("t-")
+    metrics, _ = evaluate_units(model, test, "cpu")
+    assert metrics["auroc"] > MIN_TEST_AUROC, metrics
+    assert metrics["class_accuracy"] > 1 / 3 + 0.1, metrics  # three classes
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, bearing_data):
+    train, val, _ = bearing_data
+    full = train_supervised(tiny_config(), train[:48], None, TrainConfig(epochs=3, batch_size=16, device="cpu"),
+                            tmp_path / "full", progress=False)
+    train_supervised(tiny_config(), train[:48], None, TrainConfig(epochs=3, batch_size=16, device="cpu"),
+                     tmp_path / "part", progress=False, stop_after_epoch=2)  # as if interrupted after epoch 2
+    resumed = train_supervised(tiny_config(), train[:48], None, TrainConfig(epochs=3, batch_size=16, device="cpu"),
+                               tmp_path / "part", resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=RESUME_ATOL, equal_nan=True, msg=name)
+
+
+def test_modality_dropout_keeps_one_and_targets_follow_visibility():
+    gen = torch.Generator().manual_seed(0)
+    present = torch.ones(500, 3, dtype=torch.bool)
+    present[:100, 0] = False
+    kept = drop_modalities(present, 0.9, gen)
+    assert kept.any(dim=1).all() and not (kept & ~present).any()
+    classes = ("ok", "vision", "vibration", "temperature", "multiple")
+    t = Targets(defect=torch.tensor([1.0, 1.0, 1.0, 0.0]), klass=torch.tensor([4, 1, 4, 0]),
+                culprit=torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    visible = torch.tensor([[False, True, True], [False, True, True], [True, True, False], [True, True, True]])
+    v = visible_targets(t, visible, classes)
+    assert v.defect.tolist() == [1.0, 0.0, 1.0, 0.0]  # unit 1's only culprit (vision) is hidden -> ok
+    assert v.klass.tolist() == [2, 0, 4, 0]  # 'multiple' with only vibration left -> 'vibration'
+    assert v.culprit[0].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_threshold_choice_closed_forms():
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    labels = np.array([0, 0, 1, 0, 1, 1], bool)
+    # F1 at t=0.3: tp 3, fp 1, fn 0 -> 6/7; at 0.7: tp 2, fp 0, fn 1 -> 0.8; at 0.6: tp 2 fp 1 fn 1 -> 2/3
+    assert choose_threshold(scores, labels, "max_f1") == 0.3
+    # accuracy: 0.3 and 0.7 both give 5/6 (the best); ties go to the lowest threshold
+    assert choose_threshold(scores, labels, "max_accuracy") == 0.3
+    assert choose_threshold(scores, ~labels | (scores > 0.8), "max_accuracy") == 0.1  # 4/6, the only best
+    good = np.linspace(0, 1, 101)
+    th = choose_threshold(good, np.zeros(101, bool), "far", target_far=0.05)
+    assert (good >= th).sum() == 5  # at most 5 % of the good units alarm
+    with pytest.raises(ConfigError):
+        choose_threshold(scores, labels, "max_precision")
+    with pytest.raises(ConfigError, match="good"):
+        choose_threshold(scores, np.ones(6, bool), "far")
+    with pytest.raises(ConfigError):
+        choose_threshold(np.array([]), np.array([], bool))
+
+
+def test_per_line_thresholds_with_default_fallback():
+    model = __import__("inspection.model", fromlist=["InspectionModel"]).InspectionModel(tiny_config())
+    rng = np.random.default_rng(0)
+    n = 80
+    labels = rng.random(n) < 0.5
+    scores = np.where(labels, rng.uniform(0.4, 1, n), rng.uniform(0, 0.6, n))
+    lines = ["line-a"] * 60 + ["line-b"] * 20  # line-b has too few units for its own threshold
+    model, cal = calibrate(model, scores, labels, lines)
+    assert set(cal.thresholds) == {"*", "line-a"}
+    assert model.config.lines == ("*", "line-a")
+    slots = torch.tensor([model.line_slot("line-a"), model.line_slot("line-b"), model.line_slot("never-seen")])
+    th = model.threshold_for(slots)
+    assert th[1] == th[2] == cal.thresholds["*"] and th[0] == pytest.approx(cal.thresholds["line-a"])
+
+
+def test_pca_detector_on_closed_form_data():
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((4, 4))
+    normal = rng.standard_normal((400, 4)) @ mix
+    det = PCADetector(PCADetectorConfig(window=5, persistence=3)).fit(normal)
+    later = rng.standard_normal((300, 4)) @ mix
+    assert det.predict(later).mean() < 0.02  # normal rows stay quiet
+    shifted = later.copy()
+    shifted[150:] += 4 * mix[0]  # a sustained shift of one latent factor (4 sd)
+    alarms = det.predict(shifted)
+    assert alarms[160:].mean() > 0.95 and alarms[:140].mean() < 0.02
+    broken = later.copy()
+    broken[150:, 2] = normal[:, 2].mean()  # a sensor freezes: leaves the normal subspace (Q statistic)
+    assert det.score(broken)[160:].mean() > det.score(later)[160:].mean()
+    with pytest.raises(NotCalibratedError):
+        PCADetector().predict(later)
+
+
+@pytest.mark.data
+def test_skab_protocol_writes_its_result(tmp_path):
+    from inspection.data import skab
+    from inspection.errors import DataError
+    from inspection.skab_protocol import evaluate_skab
+
+    try:
+        skab.skab_root()
+    except DataError as exc:
+        pytest.skip(f"SKAB folder not available: {exc}")
+    path = evaluate_skab(results_dir=tmp_path)
+    summary = json.loads(path.read_text())["summary"]
+    for key in ("benchmark", "metric", "value", "baselines", "split", "seed", "model_version", "machine", "commit",
+                "command", "date", "far", "mar"):
+        assert key in summary, key
+    assert summary["baselines"]["T-squared, this harness"] == pytest.approx(0.66, abs=0.005)
+    assert 0 < summary["value"] <= 1 and 0 <= summary["far"] <= 100
+    assert len(MODALITIES) == 3
