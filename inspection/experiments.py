@@ -118,8 +118,11 @@ def calibrate_version(store_root: Path | str, name: str, version: str | None = N
 
     prepared = PreparedSet(model, val, model.config.class_names)
     pred = predict(model, prepared, torch.device(device))
-    model, cal = calibrate(model.cpu(), pred["score"], prepared.targets.defect.numpy() > 0.5,
-                           [u.line_id for u in val], method, target_far)
+    # a model restricted to some modalities is calibrated on the defects it can see (its culprits); the full
+    # model on the unit's label
+    seen = set(card["modalities"])
+    labels = np.array([bool(u.label.culprits & seen) for u in val])
+    model, cal = calibrate(model.cpu(), pred["score"], labels, [u.line_id for u in val], method, target_far)
     card = {k: v for k, v in card.items() if k not in ("version", "created", "weights_file", "weights_sha256",
                                                         "weights_bytes", "tensors", "format")}
     card.update(model_config=model.config.to_dict(), threshold_version=cal.version, calibration=cal.to_dict(),
