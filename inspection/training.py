@@ -290,7 +290,8 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
             axes[1].plot(epochs, [h.get(key, float("nan")) for h in history], label=key.removeprefix("val_"))
     axes[1].set_xlabel("epoch")
     axes[1].set_ylim(0, 1.02)
-    axes[1].legend()
+    if axes[1].lines:
+        axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
