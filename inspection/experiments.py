@@ -75,7 +75,7 @@ def bench_data(bench: str, seed: int, card_data: dict | None = None) -> BenchDat
 
 def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Path | str, out_root: Path | str,
                 modalities: Sequence[str] | None = None, dim: int = 256, image_size: int = 224, moe: bool = True,
-                resume: bool = False, progress: bool = True) -> ModelVersion:
+                resume: bool = False, progress: bool = True, overrides: Sequence[str] = ()) -> ModelVersion:
     """Train one model on a bench split and save it (uncalibrated) to its store."""
     data = bench_data(bench, seed)
     if modalities:
@@ -86,7 +86,8 @@ def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Pa
         drop = [m for m in MODALITIES if m not in keep]
         data.train = [u.without(*drop) for u in data.train]
         data.val = [u.without(*drop) for u in data.val]
-    cfg = default_model_config(bench, dim=dim, image_size=image_size, modalities=modalities, moe=moe)
+    cfg = default_model_config(bench, dim=dim, image_size=image_size, modalities=modalities, moe=moe,
+                               overrides=overrides)
     name = family(bench, modalities)
     out_dir = Path(out_root) / f"{name}-s{seed}"
     result = train_supervised(cfg, data.train, data.val, train_cfg, out_dir, resume=resume, progress=progress)

@@ -69,6 +69,8 @@ class WaveformPreprocess:
             that bearing impacts excite).
         env_max_hz, env_bins: the envelope spectrum grid (fault frequencies of rotating machines live here).
         wave_rate_hz, wave_len: the waveform branch's fixed sample rate and length (L).
+        env_relative: divide each envelope spectrum by its geometric mean (in log terms: subtract the mean), so
+            its tokens describe where the fault frequencies stand out, not how loud the machine is (load).
     """
 
     channels: int = 1
@@ -79,6 +81,7 @@ class WaveformPreprocess:
     env_bins: int = 256
     wave_rate_hz: float = 24_414.0
     wave_len: int = 4096
+    env_relative: bool = False
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.n_bins < 8 or self.env_bins < 8 or self.wave_len < 64:
@@ -119,9 +122,12 @@ class WaveformPreprocess:
         ratio = Fraction(self.wave_rate_hz / rate_hz).limit_denominator(1000)
         wave = signal.resample_poly(x, ratio.numerator, ratio.denominator, axis=1)
         wave = _fit_length(wave, self.wave_len)
+        log_env = np.log(envelope + 1e-6)
+        if self.env_relative:
+            log_env = log_env - log_env.mean(axis=1, keepdims=True)
         return {
             "spectrum": np.log(spectrum + 1e-6).astype(np.float32),
-            "envelope": np.log(envelope + 1e-6).astype(np.float32),
+            "envelope": log_env.astype(np.float32),
             "wave": wave.astype(np.float32),
         }
 

@@ -342,7 +342,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for seed in args.seeds or [args.seed]:
         version = train_bench(args.bench, seed, cfg if seed == cfg.seed else replace_seed(cfg, seed),
                               store_root=args.store, out_root=args.out, modalities=modalities, dim=args.dim,
-                              image_size=args.image_size, moe=not args.no_moe, resume=args.resume)
+                              image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
+                              overrides=args.model_set)
         last = version.card["history"][-1]
         print(json.dumps({"bench": args.bench, "seed": seed, "version": version.version, "store": str(version.path),
                           "last_epoch": last}, default=str), flush=True)
@@ -511,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dim", type=int, default=256)
     tr.add_argument("--image-size", type=int, default=224)
     tr.add_argument("--no-moe", action="store_true", help="dense feed-forward instead of the sparse MoE")
+    tr.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a model config key, e.g. encoders.vibration.config.preprocess.env_relative=true")
     tr.add_argument("--no-amp", action="store_true")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     tr.add_argument("--store", default="models", help="model store root")
