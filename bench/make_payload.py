@@ -1,6 +1,6 @@
 """Build compact copies of the data sets for a remote training machine that cannot install packages.
 
-    python bench/make_payload.py --out .payload --elpv-size 224            # ELPV resized, lossless PNG
+    python bench/make_payload.py --out .payload --elpv-size 224 --weights  # ELPV resized, lossless WebP
     python bench/make_payload.py --out .payload --elpv-size 128 --bearings --skab
 
 - ELPV: each image resized with the same INTER_AREA resize the vision preprocessing applies, stored as lossless
