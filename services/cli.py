@@ -16,6 +16,7 @@ error the message explains, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -340,7 +341,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       seed=args.seed, device=args.device, amp=not args.no_amp)
     modalities = args.modalities.split(",") if args.modalities else None
     for seed in args.seeds or [args.seed]:
-        version = train_bench(args.bench, seed, cfg if seed == cfg.seed else replace_seed(cfg, seed),
+        version = train_bench(args.bench, seed, dataclasses.replace(cfg, seed=seed),
                               store_root=args.store, out_root=args.out, modalities=modalities, dim=args.dim,
                               image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
                               overrides=args.model_set)
@@ -348,12 +349,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps({"bench": args.bench, "seed": seed, "version": version.version, "store": str(version.path),
                           "last_epoch": last}, default=str), flush=True)
     return 0
-
-
-def replace_seed(cfg, seed: int):
-    from dataclasses import replace
-
-    return replace(cfg, seed=seed)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
