@@ -23,11 +23,14 @@ demo: install
 	$(BIN)/inspection demo
 
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
+# Triton kernels run on the CPU under the interpreter, which must be switched on before triton is imported:
+# they get their own pytest process.
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not interpret"
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m interpret tests/kernels
 
 test-fast: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not interpret"
 
 lint: install
 	$(BIN)/ruff check inspection fusion explain kernels services tests

@@ -138,7 +138,7 @@ def _routing_kernel(
         x = tl.where(col_ok[None, :], x, float("-inf"))  # padded experts get probability 0
         row_max = tl.max(x, axis=1)  # [BT]
         num = tl.exp(x - row_max[:, None])  # [BT, BE]
-        scores = num / tl.sum(num, axis=1)[:, None]  # [BT, BE]
+        scores = tl.div_rn(num, tl.sum(num, axis=1)[:, None])  # [BT, BE] IEEE division, as torch
     else:
         scores = tl.sigmoid(x)  # [BT, BE]
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)  # [BE]
@@ -161,7 +161,8 @@ def _routing_kernel(
 
     # the smallest normal float32 guards a sum that underflowed to 0, as the reference does
     total = tl.maximum(tl.sum(chosen_w, axis=1), 1.1754943508222875e-38)  # [BT]
-    weights = chosen_w / total[:, None] * route_scale  # [BT, BK]
+    # div_rn: Triton's fp32 `/` is an approximate division on GPUs (s / s was not exactly 1 on an H100)
+    weights = tl.div_rn(chosen_w, total[:, None]) * route_scale  # [BT, BK]
     out_ok = row_ok[:, None] & (slots[None, :] < TOP_K)  # [BT, BK]
     out = rows.to(tl.int64)[:, None] * TOP_K + slots[None, :]  # [BT, BK]
     tl.store(weights_ptr + out, weights, mask=out_ok)

@@ -167,7 +167,7 @@ def test_all_tokens_to_one_expert_leaves_the_others_empty(score: str) -> None:
     want = torch.zeros(n_experts, dtype=torch.int64, device=DEVICE)
     want[hot] = n_tokens
     assert torch.equal(counts, want)  # every other expert has no tokens
-    assert torch.equal(weights, torch.ones(n_tokens, 1, device=DEVICE))  # K = 1 renormalises to exactly 1
+    assert torch.equal(weights, torch.ones(n_tokens, 1, device=DEVICE))  # K = 1: s / s is exactly 1
 
 
 @pytest.mark.parametrize("score", ["sigmoid", "softmax"])
