@@ -45,7 +45,11 @@ class Calibration:
 
 
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, method: str = "max_f1", target_far: float = 0.01) -> float:
-    """A threshold (decide defect when ``score >= threshold``) for one set of validation scores."""
+    """A threshold (decide defect when ``score >= threshold``) for one set of validation scores.
+
+    For ``max_f1`` and ``max_accuracy``: the lowest optimal score, moved down to the middle of the gap to the next
+    lower validation score (the same validation decisions, the widest margin).
+    """
     scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
     if method not in METHODS:
         raise ConfigError(f"calibration method must be one of {METHODS}; got {method!r}")
@@ -62,9 +66,9 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, method: str = "max_
         allowed = int(np.floor(target_far * good.size))
         th = good[good.size - allowed - 1] if allowed < good.size else good[0]
         return float(np.nextafter(th, np.inf))
-    best, best_value = 0.5, -1.0
+    best_i, best_value = 0, -1.0
     pos = labels.sum()
-    for t in candidates:
+    for i, t in enumerate(candidates):
         pred = scores >= t
         tp = (pred & labels).sum()
         if method == "max_f1":
@@ -72,8 +76,12 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, method: str = "max_
         else:
             value = (tp + (~pred & ~labels).sum()) / len(labels)
         if value > best_value:
-            best, best_value = float(t), value
-    return best
+            best_i, best_value = i, value
+    # any threshold in (next lower score, best candidate] makes the same validation decisions: take the middle
+    # of that gap, the widest margin on both sides (matters when validation scores are perfectly separated)
+    if best_i == 0:
+        return float(candidates[0])
+    return float((candidates[best_i - 1] + candidates[best_i]) / 2)
 
 
 def calibrate(model: InspectionModel, scores: np.ndarray, labels: np.ndarray, line_ids: Sequence[str],

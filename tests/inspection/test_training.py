@@ -99,11 +99,14 @@ def test_modality_dropout_keeps_one_and_targets_follow_visibility():
 def test_threshold_choice_closed_forms():
     scores = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
     labels = np.array([0, 0, 1, 0, 1, 1], bool)
-    # F1 at t=0.3: tp 3, fp 1, fn 0 -> 6/7; at 0.7: tp 2, fp 0, fn 1 -> 0.8; at 0.6: tp 2 fp 1 fn 1 -> 2/3
-    assert choose_threshold(scores, labels, "max_f1") == 0.3
-    # accuracy: 0.3 and 0.7 both give 5/6 (the best); ties go to the lowest threshold
-    assert choose_threshold(scores, labels, "max_accuracy") == 0.3
-    assert choose_threshold(scores, ~labels | (scores > 0.8), "max_accuracy") == 0.1  # 4/6, the only best
+    # F1 at t=0.3: tp 3, fp 1, fn 0 -> 6/7 (best); at 0.7: tp 2, fp 0, fn 1 -> 0.8; at 0.6: tp 2 fp 1 fn 1 -> 2/3.
+    # Any t in (0.2, 0.3] decides the same: the threshold is the middle of that gap
+    assert choose_threshold(scores, labels, "max_f1") == pytest.approx(0.25)
+    # accuracy: 0.3 and 0.7 both give 5/6 (the best); ties go to the lowest, then the middle of its gap
+    assert choose_threshold(scores, labels, "max_accuracy") == pytest.approx(0.25)
+    assert choose_threshold(scores, ~labels | (scores > 0.8), "max_accuracy") == 0.1  # 4/6 at the lowest score
+    separable = choose_threshold(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1], bool), "max_f1")
+    assert separable == pytest.approx(0.5)  # perfectly separated: halfway between the classes
     good = np.linspace(0, 1, 101)
     th = choose_threshold(good, np.zeros(101, bool), "far", target_far=0.05)
     assert (good >= th).sum() == 5  # at most 5 % of the good units alarm
