@@ -26,7 +26,7 @@ demo: install
 # Triton kernels run on the CPU under the interpreter, which must be switched on before triton is imported:
 # they get their own pytest process.
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not interpret"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not interpret" --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m interpret tests/kernels
 
 test-fast: install
