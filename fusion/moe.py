@@ -154,6 +154,21 @@ class Routing:
         return self.scores.shape[1]
 
 
+def _select_fast(logits: Tensor, bias: Tensor, top_k: int, score: str) -> Tensor | None:
+    """The chosen experts ``[T, K]`` from the Triton routing kernel on CUDA (or under ``TRITON_INTERPRET=1``),
+    else None. Only the integer choice comes from the kernel; the weights are gathered in torch so gradients
+    flow exactly as in the reference below. The kernel makes the same choice (stable, lowest index on ties)."""
+    from kernels._launch import use_triton
+
+    if logits.dtype != torch.float32 or logits.shape[1] > 256 or not use_triton(logits):
+        return None
+    from kernels.routing import route_topk
+
+    with torch.no_grad():
+        _, indices = route_topk(logits.detach(), bias.detach().float(), top_k, score)
+    return indices
+
+
 def route(
     logits: Tensor, bias: Tensor, top_k: int, score: str = "sigmoid", route_scale: float = 1.0
 ) -> Routing:
@@ -164,7 +179,9 @@ def route(
     The weights are the unbiased scores of the chosen experts divided by their sum, times ``route_scale``.
 
     Ties in ``scores + bias`` go to the lower expert index: the choice is a stable descending sort, so it is
-    deterministic on every device and a faster implementation must reproduce it exactly.
+    deterministic on every device and a faster implementation must reproduce it exactly. On CUDA (and under
+    ``TRITON_INTERPRET=1``) the choice comes from :func:`kernels.routing.route_topk`;
+    ``INSPECTION_FORCE_REFERENCE=1`` keeps the sort.
 
     Args:
         logits: ``[T, E]`` router logits.
@@ -197,9 +214,11 @@ def route(
     compute = torch.promote_types(logits.dtype, torch.float32)
     logits = logits.to(compute)  # [T, E]
     scores = torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, dim=-1)  # [T, E]
-    biased = scores.detach() + bias.detach().to(compute)  # [T, E]
-    order = torch.sort(biased, dim=-1, descending=True, stable=True).indices  # [T, E]
-    indices = order[:, :top_k].contiguous()  # [T, K]
+    indices = _select_fast(logits, bias, top_k, score)
+    if indices is None:
+        biased = scores.detach() + bias.detach().to(compute)  # [T, E]
+        order = torch.sort(biased, dim=-1, descending=True, stable=True).indices  # [T, E]
+        indices = order[:, :top_k].contiguous()  # [T, K]
     chosen = scores.gather(1, indices)  # [T, K]
     # tiny only guards a sum that underflowed to 0 (sigmoid of logits below about -88); otherwise exact
     total = chosen.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(compute).tiny)  # [T, 1]

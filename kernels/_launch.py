@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 #: Environment switch that forces the torch references everywhere when set to ``"1"``.
 FORCE_REFERENCE_ENV = "INSPECTION_FORCE_REFERENCE"
@@ -56,4 +55,4 @@ def block_size(n: int, lo: int = 16, hi: int = 1024) -> int:
         raise ValueError(
             f"block_size: lo and hi must be powers of two with 1 <= lo <= hi; got lo={lo}, hi={hi}"
         )
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+    return max(lo, min(hi, 1 << (max(n, 1) - 1).bit_length()))  # next power of two
