@@ -550,7 +550,8 @@ def test_router_stats_ranges(score, seed):
     torch.testing.assert_close(stats.load.sum(), torch.tensor(1.0), atol=WEIGHT_SUM_TOL, rtol=0)
     assert stats.gate_entropy.shape == stats.max_load_ratio.shape == ()
     assert 0.0 <= float(stats.gate_entropy) <= math.log(e) + WEIGHT_SUM_TOL
-    assert 1.0 <= float(stats.max_load_ratio) <= e / 2
+    ratio = float(stats.max_load_ratio)
+    assert ratio >= 1.0 and ratio <= e / 2  # never below balanced; bounded for this spread-out routing
 
 
 def test_router_stats_all_to_one_expert():
