@@ -71,3 +71,60 @@ def topics(broker: EmbeddedBroker) -> TopicNames:
 def group_id() -> str:
     """A consumer group id no other test uses."""
     return f"g-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------------------------------------- model factories
+#: Width of the small models the model and explanation tests build.
+SMALL_DIM = 32
+
+
+@pytest.fixture(scope="session")
+def small_model_factory():
+    """Build a small but real fusion model (real timm backbone at 64 px, short spectra, a 4-expert MoE)."""
+
+    def build(**overrides):
+        import torch
+
+        from fusion.bridge import BridgeConfig
+        from fusion.moe import MoEConfig
+        from inspection.model import EncoderSpec, InspectionModel, ModelConfig
+
+        torch.manual_seed(0)
+        encoders = {
+            "vision": EncoderSpec("vision", {"pretrained": False, "preprocess": {"image_size": 64}}),
+            "vibration": EncoderSpec("waveform", {"band_bins": 16, "env_band_bins": 16, "wave_tokens": 4,
+                                                  "preprocess": {"n_bins": 64, "env_bins": 32, "wave_len": 512}}),
+            "temperature": EncoderSpec("series", {"patch": 5, "preprocess": {"samples": 20}}),
+        }
+        bridge = BridgeConfig(dim=SMALL_DIM, n_queries=4, n_heads=4, n_layers=1, dropout=0.0,
+                              moe=MoEConfig(dim=SMALL_DIM, hidden=16, n_experts=4, top_k=2))
+        return InspectionModel(ModelConfig(encoders=encoders, bridge=bridge, lines=("*", "line-2"), **overrides))
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def unit_factory():
+    """Build unit ``i`` (lines alternate between line-1 and line-2) with random readings, minus ``drop``."""
+
+    def build(i: int, rng, drop: tuple[str, ...] = ()):
+        from datetime import UTC, datetime
+
+        from inspection.records import TemperatureReading, Unit, VibrationReading, VisionReading
+
+        line = "line-1" if i % 2 else "line-2"
+
+        def env(m: str) -> dict:
+            return dict(unit_id=f"u{i}", line_id=line, reading_id=f"u{i}-{m}", source="plant/t",
+                        event_time=datetime(2026, 2, 1, tzinfo=UTC))
+
+        parts = {
+            "vision": VisionReading.from_array(rng.integers(0, 255, (80, 80), dtype="uint8"), **env("vision")),
+            "vibration": VibrationReading(values=rng.standard_normal((1, 2000)), sample_rate_hz=48828.0, unit="g",
+                                          **env("vibration")),
+            "temperature": TemperatureReading(values=rng.normal(50, 3, (2, 30)), sample_rate_hz=1.0, unit="degC",
+                                              **env("temperature")),
+        }
+        return Unit(f"u{i}", line, **{m: r for m, r in parts.items() if m not in drop})
+
+    return build

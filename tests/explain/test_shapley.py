@@ -23,10 +23,7 @@ from explain.shapley import (
     interactions_from_values,
     shapley_from_values,
 )
-from fusion.bridge import BridgeConfig
-from fusion.moe import MoEConfig
-from inspection.model import EncoderSpec, InspectionModel, ModelConfig
-from inspection.records import MODALITIES, TemperatureReading, Unit, VibrationReading, VisionReading
+from inspection.records import MODALITIES
 
 #: Value tables are float64 and the exact formulas sum at most 4 weighted terms with math.fsum: only float64
 #: rounding of the weights and differences remains (~1e-16 relative), so 1e-12 absolute on O(1) values.
@@ -50,43 +47,19 @@ def table(players: tuple[str, ...], v) -> dict[frozenset[str], float]:
     return {c: float(v(c)) for c in all_coalitions(players)}
 
 
-def small_model() -> InspectionModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        encoders={"vision": EncoderSpec("vision", {"pretrained": False, "preprocess": {"image_size": 64}}),
-                  "vibration": EncoderSpec("waveform", {"band_bins": 16, "env_band_bins": 16, "wave_tokens": 4,
-                                                        "preprocess": {"n_bins": 64, "env_bins": 32, "wave_len": 512}}),
-                  "temperature": EncoderSpec("series", {"patch": 5, "preprocess": {"samples": 20}})},
-        bridge=BridgeConfig(dim=DIM, n_queries=4, n_heads=4, n_layers=1, dropout=0.0,
-                            moe=MoEConfig(dim=DIM, hidden=16, n_experts=4, top_k=2)),
-        lines=("*", "line-2"))
-    return InspectionModel(cfg)
 
 
-def make_unit(i: int, rng: np.random.Generator, drop: tuple[str, ...] = ()) -> Unit:
-    def env(m: str) -> dict:
-        return dict(unit_id=f"u{i}", line_id="line-1" if i % 2 else "line-2", reading_id=f"u{i}-{m}",
-                    source="plant/t", event_time=T0)
-
-    parts = {
-        "vision": VisionReading.from_array(rng.integers(0, 255, (80, 80), dtype=np.uint8), **env("vision")),
-        "vibration": VibrationReading(values=rng.standard_normal((1, 2000)), sample_rate_hz=48828.0, unit="g",
-                                      **env("vibration")),
-        "temperature": TemperatureReading(values=rng.normal(50, 3, (2, 30)), sample_rate_hz=1.0, unit="degC",
-                                          **env("temperature")),
-    }
-    return Unit(f"u{i}", env("vision")["line_id"], **{m: r for m, r in parts.items() if m not in drop})
 
 
 @pytest.fixture(scope="module")
-def model_and_units():
-    model = small_model()
+def model_and_units(small_model_factory, unit_factory):
+    model = small_model_factory()
     rng = np.random.default_rng(0)
-    units = [make_unit(i, rng) for i in range(6)]
+    units = [unit_factory(i, rng) for i in range(6)]
     model.fit_normalisation(model.batch(units))
     model.eval()
     # a mixed batch: full units, one without vibration, one with vision only
-    mixed = units[:3] + [make_unit(10, rng, drop=("vibration",)), make_unit(11, rng, drop=("vibration", "temperature"))]
+    mixed = units[:3] + [unit_factory(10, rng, drop=("vibration",)), unit_factory(11, rng, drop=("vibration", "temperature"))]
     return model, mixed
 
 

@@ -12,9 +12,8 @@ from fusion.bridge import BridgeConfig, FusionBridge, masked_attention
 from fusion.moe import MoEConfig
 from inspection.encoders import ENCODERS, VisionEncoderConfig, create_encoder
 from inspection.errors import ConfigError, NotCalibratedError
-from inspection.model import EncoderSpec, InspectionModel, ModelConfig
+from inspection.model import InspectionModel, ModelConfig
 from inspection.preprocess import SeriesPreprocess, VisionPreprocess, WaveformPreprocess
-from inspection.records import TemperatureReading, Unit, VibrationReading, VisionReading
 
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
 DIM = 32
@@ -136,37 +135,15 @@ def test_masked_attention_matches_closed_forms():
 
 
 # ------------------------------------------------------------------------------------------------ model
-def small_model(**kw) -> InspectionModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        encoders={"vision": EncoderSpec("vision", {"pretrained": False, "preprocess": {"image_size": 64}}),
-                  "vibration": EncoderSpec("waveform", {"band_bins": 16, "env_band_bins": 16, "wave_tokens": 4,
-                                                        "preprocess": {"n_bins": 64, "env_bins": 32, "wave_len": 512}}),
-                  "temperature": EncoderSpec("series", {"patch": 5, "preprocess": {"samples": 20}})},
-        bridge=BridgeConfig(dim=DIM, n_queries=4, n_heads=4, n_layers=1, dropout=0.0,
-                            moe=MoEConfig(dim=DIM, hidden=16, n_experts=4, top_k=2)),
-        lines=("*", "line-2"), **kw)
-    return InspectionModel(cfg)
 
 
-def make_unit(i: int, rng: np.random.Generator, drop: tuple[str, ...] = ()) -> Unit:
-    env = lambda m: dict(unit_id=f"u{i}", line_id="line-1" if i % 2 else "line-2", reading_id=f"u{i}-{m}",  # noqa: E731
-                         source="plant/t", event_time=T0)
-    parts = {
-        "vision": VisionReading.from_array(rng.integers(0, 255, (80, 80), dtype=np.uint8), **env("vision")),
-        "vibration": VibrationReading(values=rng.standard_normal((1, 2000)), sample_rate_hz=48828.0, unit="g",
-                                      **env("vibration")),
-        "temperature": TemperatureReading(values=rng.normal(50, 3, (2, 30)), sample_rate_hz=1.0, unit="degC",
-                                          **env("temperature")),
-    }
-    return Unit(f"u{i}", env("vision")["line_id"], **{m: r for m, r in parts.items() if m not in drop})
 
 
 @pytest.fixture(scope="module")
-def model_and_units():
-    model = small_model()
+def model_and_units(small_model_factory, unit_factory):
+    model = small_model_factory()
     rng = np.random.default_rng(0)
-    units = [make_unit(i, rng) for i in range(8)]
+    units = [unit_factory(i, rng) for i in range(8)]
     model.fit_normalisation(model.batch(units))
     model.eval()
     return model, units
@@ -234,8 +211,8 @@ def test_thresholds_fail_loudly_before_calibration(model_and_units):
     assert batch.line_index.tolist() == [1, 0, 1, 0, 1, 0, 1, 0]  # line-2 has its own slot, line-1 the default
 
 
-def test_model_config_is_strict():
-    good = small_model().config.to_dict()
+def test_model_config_is_strict(small_model_factory):
+    good = small_model_factory().config.to_dict()
     with pytest.raises(ConfigError, match="unknown key"):
         ModelConfig.from_dict({**good, "learning_rate": 1})
     bad = {**good, "bridge": {**good["bridge"], "n_heads": "eight"}}
