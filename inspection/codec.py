@@ -28,7 +28,7 @@ import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from inspection.records import (
     TemperatureReading,
     VibrationReading,
     VisionReading,
+    format_time,
     sniff_image_type,
 )
 
@@ -100,11 +101,6 @@ class WireMessage:
 
 
 # ------------------------------------------------------------------------------------------------- encode
-def format_time(t: datetime) -> str:
-    """RFC 3339 in UTC with microseconds and a ``Z``."""
-    return t.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
 def format_decimal(x: float) -> str:
     """A decimal string that parses back to exactly ``x`` (integers without a fraction)."""
     if float(x).is_integer() and abs(x) < 1e15:

@@ -76,13 +76,13 @@ def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float | np
     return out
 
 
-def predict_units(model: InspectionModel, units: Sequence[Unit], device: torch.device | str = "cpu",
-                  tta: bool = False, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Scores of labelled units plus their targets and thresholds."""
+def predict_units(model: InspectionModel, units: Sequence[Unit] | PreparedSet, device: torch.device | str = "cpu",
+                  tta: bool = False, batch_size: int = 64, hide: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Scores of labelled units (or an already prepared set of them) plus their targets and thresholds."""
     device = torch.device(device)
-    data = PreparedSet(model, units, model.config.class_names)
+    data = units if isinstance(units, PreparedSet) else PreparedSet(model, units, model.config.class_names)
     model.to(device)
-    pred = predict(model, data, device, batch_size=batch_size, tta=tta)
+    pred = predict(model, data, device, batch_size=batch_size, tta=tta, hide=hide)
     pred["defect"] = data.targets.defect.numpy() > 0.5
     pred["klass"] = data.targets.klass.numpy()
     pred["threshold"] = model.threshold_for(data.batch.line_index.to(device)).cpu().numpy()
@@ -90,10 +90,12 @@ def predict_units(model: InspectionModel, units: Sequence[Unit], device: torch.d
 
 
 def evaluate_units(model: InspectionModel, units: Sequence[Unit], device: torch.device | str = "cpu",
-                   tta: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+                   tta: bool = False, *, prepared: PreparedSet | None = None,
+                   hide: Sequence[str] = ()) -> tuple[dict, dict[str, np.ndarray]]:
     """Metrics of a calibrated model on labelled units: binary metrics at the calibrated thresholds, class
-    accuracy, and per-modality AUROC against the culprit labels."""
-    pred = predict_units(model, units, device, tta)
+    accuracy, and per-modality AUROC against the culprit labels. ``prepared`` (the same units, already
+    preprocessed) is reused when given; ``hide`` masks modalities out at test time."""
+    pred = predict_units(model, prepared if prepared is not None else units, device, tta, hide=hide)
     metrics = binary_metrics(pred["score"], pred["defect"], pred["threshold"])
     metrics["class_accuracy"] = float((pred["class_prob"].argmax(1) == pred["klass"]).mean())
     metrics["n"] = len(units)
@@ -129,11 +131,7 @@ def plot_roc_confusion(scores: np.ndarray, labels: np.ndarray, threshold, class_
         ax.set_xlabel("false alarm rate")
         ax.set_ylabel("detection rate")
         ax.set_title(title)
-        fig.tight_layout()
-        p = out_prefix.with_name(out_prefix.name + "_roc.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out_prefix, "roc"))
     cm = confusion_matrix(class_true, class_pred, labels=list(range(len(class_names))))
     fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.1 * len(class_names) + 1.5))
     ax.imshow(cm, cmap="Blues")
@@ -145,12 +143,18 @@ def plot_roc_confusion(scores: np.ndarray, labels: np.ndarray, threshold, class_
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    p = out_prefix.with_name(out_prefix.name + "_confusion.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out_prefix, "confusion"))
     return paths
+
+
+def _save(fig, out_prefix: Path, kind: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = out_prefix.with_name(f"{out_prefix.name}_{kind}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_result(bench: str, summary: dict, details: dict, results_dir: Path | str = "bench/results") -> Path:

@@ -31,7 +31,7 @@ from inspection.evaluation import (
 from inspection.model import InspectionModel, ModelConfig
 from inspection.records import MODALITIES
 from inspection.store import ModelStore, ModelVersion
-from inspection.training import TrainConfig, train_supervised
+from inspection.training import PreparedSet, TrainConfig, predict, train_supervised
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,6 @@ def calibrate_version(store_root: Path | str, name: str, version: str | None = N
     drop = [m for m in MODALITIES if m not in card["modalities"]]
     val = [u.without(*drop) for u in data.val] if drop else data.val
     model.to(device)
-    from inspection.training import PreparedSet, predict
-
     prepared = PreparedSet(model, val, model.config.class_names)
     pred = predict(model, prepared, torch.device(device))
     # a model restricted to some modalities is calibrated on the defects it can see (its culprits); the full
@@ -197,13 +195,14 @@ def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, no
         data = bench_data("composite", seed, fused_v.card["data"])
         test = data.test
         row: dict = {"seed": seed, "model_version": fused_v.version}
-        metrics, pred = evaluate_units(fused, test, device)
+        prepared = PreparedSet(fused, test, fused.config.class_names)  # preprocessed once, masked below
+        metrics, pred = evaluate_units(fused, test, device, prepared=prepared)
         row["fused"] = metrics
         plot_roc_confusion(pred["score"], pred["defect"], pred["threshold"], pred["klass"],
                            pred["class_prob"].argmax(1), fused.config.class_names, plots_dir / f"composite_s{seed}",
                            f"composite fused, seed {seed}")
-        for m in MODALITIES:  # the fused model with one modality removed at test time
-            row[f"fused_without_{m}"] = evaluate_units(fused, [u.without(m) for u in test], device)[0]
+        for m in MODALITIES:  # the fused model with one modality removed at test time (masked out)
+            row[f"fused_without_{m}"] = evaluate_units(fused, test, device, prepared=prepared, hide=(m,))[0]
         # single-modality models, and late fusion = max over modalities of the score relative to its threshold
         margins, singles = [], {}
         for m in MODALITIES:

@@ -428,7 +428,8 @@ def decision_id(unit_id: str, model_version: str, inputs: tuple[InputCoordinate,
     return h.hexdigest()[:32]
 
 
-def _format_time(t: datetime) -> str:
+def format_time(t: datetime) -> str:
+    """RFC 3339 in UTC with microseconds and a ``Z`` (the wire format of every event time)."""
     return t.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -496,7 +497,7 @@ class Decision:
             "source": self.source,
             "type": DECISION_TYPE,
             "subject": self.unit_id,
-            "time": _format_time(self.decided_at),
+            "time": format_time(self.decided_at),
             "datacontenttype": "application/json",
             "data": {
                 "unit_id": self.unit_id,
@@ -511,7 +512,7 @@ class Decision:
                 "model_version": self.model_version,
                 "threshold_version": self.threshold_version,
                 "inputs": [{"topic": c.topic, "partition": c.partition, "offset": c.offset} for c in self.inputs],
-                "event_time": _format_time(self.event_time),
+                "event_time": format_time(self.event_time),
                 "latency_ms": self.latency_ms,
                 "report": self.report_url,
             },

@@ -299,15 +299,18 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
 
 @torch.no_grad()
 def predict(model: InspectionModel, data: PreparedSet, device: torch.device, batch_size: int = 64,
-            tta: bool = False, amp: bool = True) -> dict[str, np.ndarray]:
+            tta: bool = False, amp: bool = True, hide: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Scores of a prepared set: ``score [B]`` (defect probability), ``class_prob [B, K]``,
-    ``modality_score [B, M]`` (NaN where absent). ``tta`` averages the 8 flips/rotations of images."""
+    ``modality_score [B, M]`` (NaN where absent). ``tta`` averages the 8 flips/rotations of images; ``hide``
+    masks modalities out, which is the same computation as units without them."""
     model.eval()
+    shown = torch.tensor([m not in hide for m in MODALITIES], dtype=torch.bool)
     scores, probs, mods = [], [], []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
         batch, _ = data.take(idx)
         batch = batch.to(device)
+        present = batch.present & shown.to(device)
         views = [batch]
         if tta and "vision" in batch.inputs:
             img = batch.inputs["vision"]["image"]
@@ -317,14 +320,14 @@ def predict(model: InspectionModel, data: PreparedSet, device: torch.device, bat
         logit = cls = mod = 0.0
         for v in views:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                out = model(v)
+                out = model(v, present)
             logit = logit + out.defect_logit.float() / len(views)
             cls = cls + torch.softmax(out.class_logits.float(), -1) / len(views)
             mod = mod + out.modality_logits.float() / len(views)
         scores.append(torch.sigmoid(logit).cpu())
         probs.append(cls.cpu())
         m = torch.sigmoid(mod).cpu()
-        m[~batch.present.cpu()] = float("nan")
+        m[~present.cpu()] = float("nan")
         mods.append(m)
     return {"score": torch.cat(scores).numpy(), "class_prob": torch.cat(probs).numpy(),
             "modality_score": torch.cat(mods).numpy()}

@@ -123,6 +123,13 @@ class TopicNames:
             raise ConfigError(f"unknown modality {modality!r}; expected one of {list(MODALITIES)}")
         return getattr(self, modality)
 
+    def modality_of(self, topic: str) -> str | None:
+        """The modality whose input topic this is, or None for any other topic."""
+        for modality in MODALITIES:
+            if getattr(self, modality) == topic:
+                return modality
+        return None
+
     @classmethod
     def with_prefix(cls, prefix: str) -> TopicNames:
         """The default names with ``prefix`` in front, e.g. ``"test1."`` → ``test1.inspection.vision``.

@@ -303,6 +303,15 @@ def admin_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ constructors
 
 
+def _construct(cls: type, what: str, config: dict[str, Any], bootstrap: str) -> Any:
+    """Build a kafka-python client, logging its settings redacted and wrapping its errors in BrokerError."""
+    log.debug("creating %s with %s", what, redact(config))
+    try:
+        return cls(**config)
+    except (KafkaError, OSError, ValueError) as exc:
+        raise BrokerError(f"could not create {what} for {bootstrap}: {type(exc).__name__}: {exc}") from exc
+
+
 def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     """Build a producer with :func:`producer_config`.
 
@@ -310,14 +319,7 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
         ConfigError: invalid settings.
         BrokerError: the client could not be built or could not reach the cluster.
     """
-    config = producer_config(bootstrap, **overrides)
-    log.debug("creating producer with %s", redact(config))
-    try:
-        return KafkaProducer(**config)
-    except (KafkaError, OSError, ValueError) as exc:
-        raise BrokerError(
-            f"could not create a producer for {bootstrap}: {type(exc).__name__}: {exc}"
-        ) from exc
+    return _construct(KafkaProducer, "a producer", producer_config(bootstrap, **overrides), bootstrap)
 
 
 def make_consumer(topics: Sequence[str], bootstrap: str, group_id: str, **overrides: Any) -> KafkaConsumer:
@@ -361,14 +363,7 @@ def make_admin(bootstrap: str, **overrides: Any) -> KafkaAdminClient:
         ConfigError: invalid settings.
         BrokerError: the client could not be built or could not reach the cluster.
     """
-    config = admin_config(bootstrap, **overrides)
-    log.debug("creating admin client with %s", redact(config))
-    try:
-        return KafkaAdminClient(**config)
-    except (KafkaError, OSError, ValueError) as exc:
-        raise BrokerError(
-            f"could not create an admin client for {bootstrap}: {type(exc).__name__}: {exc}"
-        ) from exc
+    return _construct(KafkaAdminClient, "an admin client", admin_config(bootstrap, **overrides), bootstrap)
 
 
 def wait_for_assignment(consumer: KafkaConsumer, timeout_s: float) -> set[TopicPartition]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from inspection.codec import CodecLimits, decode_reading
 from inspection.errors import BrokerError, RecordError
-from inspection.records import MODALITIES, InputCoordinate, Reading, Unit
+from inspection.records import InputCoordinate, Reading, Unit
 from services.broker import TopicNames
 
 
@@ -59,7 +59,7 @@ def drain(consumer, *, max_messages: int | None = None, idle_timeout_s: float = 
 def decode_record(record, topics: TopicNames, limits: CodecLimits | None = None) -> Received:
     """Decode one input-topic record; validation failures are returned, not raised."""
     coord = InputCoordinate(record.topic, record.partition, record.offset)
-    modality = {topics.for_modality(m): m for m in MODALITIES}.get(record.topic)
+    modality = topics.modality_of(record.topic)
     try:
         reading = decode_reading(record.value, record.headers, key=record.key, expected_modality=modality,
                                  limits=limits)
