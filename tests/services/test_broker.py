@@ -380,3 +380,11 @@ def test_security_config_validates_and_redact_hides_passwords():
         security_config("TLS")
     with pytest.raises(ConfigError, match="need security_protocol SASL"):
         security_config("PLAINTEXT", sasl_mechanism="PLAIN")
+
+
+def test_topic_names_map_input_topics_back_to_modalities():
+    names = TopicNames.with_prefix("p1.")
+    for modality in ("vision", "vibration", "temperature"):
+        assert names.modality_of(names.for_modality(modality)) == modality
+    assert names.modality_of(names.decisions) is None
+    assert names.modality_of("inspection.vision") is None  # the unprefixed topic belongs to another set
