@@ -52,6 +52,11 @@ class TrainConfig:
     grad_clip: global gradient norm clip.
     amp: bf16 autocast on CUDA.
     select_best: keep the epoch with the best validation score (AUROC, else loss) instead of the last one.
+    ema_decay: 0 trains plain weights; in ``(0, 1)`` an exponential moving average of the weights (and
+        floating-point buffers such as batch-norm statistics) is kept after every step, with the usual warm-up
+        ``min(ema_decay, (1 + n) / (10 + n))`` at step ``n``; validation, epoch selection and the returned
+        model then use the averaged weights. An average over the last few hundred steps smooths the noise of
+        small, late learning-rate steps on small data sets.
     seed: seeds initialisation, shuffling, dropout and augmentation.
     device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
@@ -69,6 +74,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     amp: bool = True
     select_best: bool = True
+    ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
 
@@ -77,6 +83,8 @@ class TrainConfig:
             raise ConfigError(f"epochs and batch_size must be >= 1; got {self.epochs}, {self.batch_size}")
         if not (self.lr > 0 and self.backbone_lr > 0):
             raise ConfigError("learning rates must be > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda; got {self.device!r}")
 
@@ -239,9 +247,41 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class WeightAverage:
+    """Exponential moving average of a model's floating-point parameters and buffers (integer buffers, such as
+    batch-norm step counters, are taken as they are when swapped in).
+
+    Args:
+        model: the model being trained; the average starts from its current weights.
+        decay: the long-run decay in ``(0, 1)``; step ``n`` uses ``min(decay, (1 + n) / (10 + n))``.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1); got {decay}")
+        self.decay = decay
+        self.steps = 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Fold the model's current weights into the average (call after each optimizer step)."""
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        live = model.state_dict()
+        keys = list(self.state)
+        torch._foreach_lerp_([self.state[k] for k in keys], [live[k].detach() for k in keys], 1.0 - d)
+        self.steps += 1
+
+    def averaged_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """A full state dict: the averaged floating-point tensors plus the model's other tensors, cloned."""
+        return {k: (self.state[k] if k in self.state else v).detach().clone() for k, v in model.state_dict().items()}
+
+
 def _save_checkpoint(path: Path, model: InspectionModel, opt: torch.optim.Optimizer, epoch: int,
-                     history: list[dict]) -> None:
+                     history: list[dict], average: WeightAverage | None = None) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in average.state.items()})
     state = opt.state_dict()
     for pid, st in state["state"].items():
         for k, v in st.items():
@@ -250,15 +290,24 @@ def _save_checkpoint(path: Path, model: InspectionModel, opt: torch.optim.Optimi
     tmp = path.with_suffix(".partial")
     save_file(tensors, str(tmp))
     tmp.replace(path.with_suffix(".safetensors"))
-    meta = {"epoch": epoch, "history": history, "param_groups": [{k: v for k, v in g.items() if k != "params"}
+    meta = {"epoch": epoch, "history": history, "ema_steps": average.steps if average is not None else None,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                                                  for g in state["param_groups"]]}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
 
 
-def _load_checkpoint(path: Path, model: InspectionModel, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+def _load_checkpoint(path: Path, model: InspectionModel, opt: torch.optim.Optimizer,
+                     average: WeightAverage | None = None) -> tuple[int, list[dict]]:
     tensors = load_file(str(path.with_suffix(".safetensors")))
     meta = json.loads(path.with_suffix(".json").read_text())
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if average is not None:
+        if meta.get("ema_steps") is None:
+            raise ConfigError(f"{path.with_suffix('.json')} was written without a weight average; resume with "
+                              "the ema_decay it was trained with (0)")
+        for k in average.state:
+            average.state[k].copy_(tensors[f"ema.{k}"])
+        average.steps = int(meta["ema_steps"])
     state = opt.state_dict()
     for pid in list(state["state"].keys()) or range(sum(len(g["params"]) for g in state["param_groups"])):
         entry = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{pid}.")}
@@ -403,8 +452,9 @@ def train_supervised(
     ckpt = out_dir / "checkpoint"
     history: list[dict] = []
     start_epoch = 0
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if resume and ckpt.with_suffix(".json").exists():
-        start_epoch, history = _load_checkpoint(ckpt, model, opt)
+        start_epoch, history = _load_checkpoint(ckpt, model, opt, average)
         log.info("resumed from epoch %d", start_epoch)
     moe_layers = [layer.ffn for layer in model.bridge.layers if hasattr(layer.ffn, "update_bias")]
 
@@ -436,6 +486,8 @@ def train_supervised(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if average is not None:
+                average.update(model)
             for layer, stats in zip(moe_layers, out.router_stats, strict=True):
                 layer.update_bias(stats.counts.to(layer.expert_bias.device))
             for k, v in parts.items():
@@ -447,6 +499,10 @@ def train_supervised(
                **{f"train_{k}": v / steps_per_epoch for k, v in sums.items() if k != "loss"}}
         if out.router_stats:
             row["max_load_ratio"] = float(max(s.max_load_ratio for s in out.router_stats))
+        live = None
+        if average is not None:  # validate (and select) the averaged weights
+            live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(average.averaged_state(model))
         if val is not None:
             row.update(_val_metrics(model, val, device, cfg))
         history.append(row)
@@ -455,12 +511,16 @@ def train_supervised(
             score = _selection_score(row)
             if best is None or score > best[0]:
                 best = (score, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        _save_checkpoint(ckpt, model, opt, epoch + 1, history)
+        if live is not None:
+            model.load_state_dict(live)
+        _save_checkpoint(ckpt, model, opt, epoch + 1, history, average)
     seconds = time.monotonic() - t_start
     if best is not None:
         model.load_state_dict(best[2])
         history.append({"selected_epoch": best[1], "selection_score": list(best[0])})
         log.info("selected epoch %d (validation score %s)", best[1], best[0])
+    elif average is not None:
+        model.load_state_dict(average.averaged_state(model))
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     try:
         plot_curves(history, out_dir / "curves.png")

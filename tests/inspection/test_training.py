@@ -18,6 +18,7 @@ from inspection.training import (
     PreparedSet,
     Targets,
     TrainConfig,
+    WeightAverage,
     drop_modalities,
     predict,
     train_supervised,
@@ -67,17 +68,40 @@ def test_tiny_end_to_end_beats_chance(tmp_path, bearing_data):
 
 @pytest.mark.data
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path, bearing_data):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_continues_exactly(tmp_path, bearing_data, ema_decay):
     train, val, _ = bearing_data
-    full = train_supervised(tiny_config(), train[:48], None, TrainConfig(epochs=3, batch_size=16, device="cpu"),
-                            tmp_path / "full", progress=False)
-    train_supervised(tiny_config(), train[:48], None, TrainConfig(epochs=3, batch_size=16, device="cpu"),
-                     tmp_path / "part", progress=False, stop_after_epoch=2)  # as if interrupted after epoch 2
-    resumed = train_supervised(tiny_config(), train[:48], None, TrainConfig(epochs=3, batch_size=16, device="cpu"),
-                               tmp_path / "part", resume=True, progress=False)
+    cfg = TrainConfig(epochs=3, batch_size=16, device="cpu", ema_decay=ema_decay)
+    full = train_supervised(tiny_config(), train[:48], None, cfg, tmp_path / "full", progress=False)
+    train_supervised(tiny_config(), train[:48], None, cfg, tmp_path / "part", progress=False,
+                     stop_after_epoch=2)  # as if interrupted after epoch 2
+    resumed = train_supervised(tiny_config(), train[:48], None, cfg, tmp_path / "part", resume=True, progress=False)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=RESUME_ATOL, equal_nan=True, msg=name)
+
+
+def test_weight_average_follows_its_closed_form():
+    net = torch.nn.BatchNorm1d(2)  # a parameter, a float buffer and an integer buffer
+    average = WeightAverage(net, decay=0.5)
+    start = net.weight.detach().clone()
+    values = [torch.tensor([2.0, 4.0]), torch.tensor([6.0, 8.0])]
+    expected = start.clone()
+    for n, v in enumerate(values):
+        with torch.no_grad():
+            net.weight.copy_(v)
+            net.num_batches_tracked += 1
+        average.update(net)
+        d = min(0.5, (1 + n) / (10 + n))  # warm-up: 0.1, then 0.1818...
+        expected = d * expected + (1 - d) * v
+    state = average.averaged_state(net)
+    torch.testing.assert_close(state["weight"], expected)
+    assert int(state["num_batches_tracked"]) == 2  # integer buffers are taken as they are
+    assert net.weight.tolist() == [6.0, 8.0]  # the live weights are untouched
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(net, decay=1.0)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        TrainConfig(ema_decay=1.5)
 
 
 def test_modality_dropout_keeps_one_and_targets_follow_visibility():
