@@ -2,6 +2,10 @@
 
     python bench/make_payload.py --out .payload --elpv-size 224 --weights  # ELPV resized, lossless WebP
     python bench/make_payload.py --out .payload --elpv-size 128 --bearings --skab
+    python bench/make_payload.py --out .payload --elpv-size 300 --weights  # native size: 78 MiB of images
+
+A copy larger than one transfer allows (the native 300-px ELPV) can travel in parts: the images folder may be
+split into several folders that are merged back into one ``images/`` before ``--unpack``.
 
 - ELPV: each image resized with the same INTER_AREA resize the vision preprocessing applies, stored as lossless
   WebP (``--unpack`` turns them into PNG on the remote side), with a labels.csv in the package's format
