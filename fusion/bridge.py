@@ -53,6 +53,16 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
     return (probs @ v.float()).to(q.dtype)
 
 
+def kernel_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+                     top_k: int | None = None) -> Tensor:
+    """``masked_attention`` through :func:`kernels.attention.attention`: the Triton kernels on CUDA (and under
+    ``TRITON_INTERPRET=1``), elsewhere or with ``INSPECTION_FORCE_REFERENCE=1`` its torch reference, which equals
+    ``masked_attention`` bit for bit. Imported at the call, so ``import fusion`` needs no GPU."""
+    from kernels.attention import attention
+
+    return attention(q, k, v, key_padding_mask, top_k)
+
+
 @dataclass(frozen=True)
 class BridgeConfig:
     """Attributes:
@@ -156,8 +166,8 @@ class FusionBridge(nn.Module):
         self.modality_emb = nn.Parameter(torch.randn(config.n_modalities, config.dim) * 0.02)
         self.layers = nn.ModuleList(BridgeLayer(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.dim)
-        #: the attention implementation; the kernels package swaps in its fused kernel on CUDA
-        self.attention: Callable[..., Tensor] = masked_attention
+        #: the attention implementation: the fused Triton kernels where they run, else ``masked_attention``
+        self.attention: Callable[..., Tensor] = kernel_attention
 
     def forward(self, tokens: Tensor, modality_index: Tensor, key_padding_mask: Tensor) -> BridgeOutput:
         """Args:

@@ -369,6 +369,28 @@ def expert_ffn_reference(
     return out.to(x.dtype)
 
 
+def expert_ffn_default(
+    x: Tensor, routing: Routing, w_gate: Tensor, w_up: Tensor, w_down: Tensor
+) -> Tensor:
+    """The expert computation :class:`SparseMoE` uses unless told otherwise: the fused Triton kernels of
+    :func:`kernels.moe.expert_ffn` on CUDA (and under ``TRITON_INTERPRET=1``) for float32/float16/bfloat16 x
+    and up to ``kernels.routing.MAX_EXPERTS`` experts, else :func:`expert_ffn_reference`.
+    ``INSPECTION_FORCE_REFERENCE=1`` keeps the reference. The kernels are imported on first use, so importing
+    this module needs no GPU.
+
+    Args and result are those of :func:`expert_ffn_reference`.
+    """
+    from kernels._launch import use_triton
+
+    if isinstance(x, Tensor) and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton(x):
+        from kernels.moe import expert_ffn
+        from kernels.routing import MAX_EXPERTS
+
+        if isinstance(routing, Routing) and routing.n_experts <= MAX_EXPERTS:
+            return expert_ffn(x, routing, w_gate, w_up, w_down)
+    return expert_ffn_reference(x, routing, w_gate, w_up, w_down)
+
+
 def _init_normal(weight: Tensor, fan_in: int, gain: float = 1.0) -> None:
     nn.init.normal_(weight, mean=0.0, std=gain / math.sqrt(fan_in))
 
@@ -464,8 +486,9 @@ class SparseMoE(nn.Module):
     """DeepSeekMoE layer: a shared SwiGLU expert plus top-k routed SwiGLU experts, aux-loss-free balanced.
 
     ``forward`` routes in float32 with :func:`route` and runs the routed experts through ``self.expert_ffn``,
-    which defaults to :func:`expert_ffn_reference`. A faster implementation with the same signature may be
-    assigned to that attribute (per instance); it must match the reference within its documented tolerance.
+    which defaults to :func:`expert_ffn_default` (the Triton kernels on CUDA, :func:`expert_ffn_reference`
+    elsewhere). Another implementation with the same signature may be assigned to that attribute (per
+    instance); it must match the reference within its documented tolerance.
 
     The load-balancing bias ``expert_bias`` is a persistent buffer (saved in the state dict, never trained by
     the optimizer). The training loop calls :meth:`update_bias` after each optimizer step with the step's
@@ -488,7 +511,7 @@ class SparseMoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e, h, d))
         self.shared = SwiGLU(d, h * config.n_shared) if config.n_shared > 0 else None
         self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32), persistent=True)
-        self.expert_ffn: ExpertFFN = expert_ffn_reference
+        self.expert_ffn: ExpertFFN = expert_ffn_default
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
