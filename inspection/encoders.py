@@ -208,12 +208,18 @@ class VisionEncoder(Encoder):
 
 
 # ------------------------------------------------------------------------------------------ waveform
+WAVEFORM_BRANCHES: tuple[str, ...] = ("spectrum", "envelope", "wave")
+"""The waveform encoder's token groups, in their default order."""
+
+
 @dataclass(frozen=True)
 class WaveformEncoderConfig:
     """Attributes:
     band_bins: spectrum bins per band token (n_bins / band_bins tokens).
     env_band_bins: envelope-spectrum bins per token.
     wave_tokens: tokens of the 1-D conv branch (time segments).
+    branches: which token groups the encoder makes, in order, from ``spectrum`` (band tokens of the
+        log spectrum), ``envelope`` (band tokens of the envelope spectrum) and ``wave`` (1-D conv tokens).
     """
 
     embed_dim: int = 256
@@ -221,11 +227,15 @@ class WaveformEncoderConfig:
     env_band_bins: int = 32
     wave_tokens: int = 16
     preprocess: WaveformPreprocess = field(default_factory=WaveformPreprocess)
+    branches: tuple[str, ...] = WAVEFORM_BRANCHES
 
     def __post_init__(self) -> None:
         p = self.preprocess
         if p.n_bins % self.band_bins or p.env_bins % self.env_band_bins:
             raise ConfigError("n_bins and env_bins must be multiples of band_bins and env_band_bins")
+        if not self.branches or len(set(self.branches)) != len(self.branches) or \
+                not set(self.branches) <= set(WAVEFORM_BRANCHES):
+            raise ConfigError(f"branches must be distinct names from {WAVEFORM_BRANCHES}; got {self.branches!r}")
 
 
 class WaveformEncoder(Encoder):
@@ -241,52 +251,71 @@ class WaveformEncoder(Encoder):
         self.embed_dim = d
         self.n_bands = p.n_bins // config.band_bins
         self.n_env = p.env_bins // config.env_band_bins
-        self.n_tokens = self.n_bands + self.n_env + config.wave_tokens
-        self.norm_spec = FeatureNorm((c, p.n_bins), "vibration spectrum")
-        self.norm_env = FeatureNorm((c, p.env_bins), "vibration envelope")
-        self.norm_wave = FeatureNorm((c, 1), "vibration waveform")
-        self.spec_in = nn.Linear(c * config.band_bins, d)
-        self.env_in = nn.Linear(c * config.env_band_bins, d)
-        self.conv = nn.Sequential(
-            nn.Conv1d(c, 32, kernel_size=64, stride=8, padding=28), nn.BatchNorm1d(32), nn.GELU(), nn.MaxPool1d(2),
-            nn.Conv1d(32, 64, kernel_size=3, padding=1), nn.BatchNorm1d(64), nn.GELU(), nn.MaxPool1d(2),
-            nn.Conv1d(64, 128, kernel_size=3, padding=1), nn.BatchNorm1d(128), nn.GELU(), nn.MaxPool1d(2),
-            nn.Conv1d(128, d, kernel_size=3, padding=1), nn.BatchNorm1d(d), nn.GELU(),
-            nn.AdaptiveAvgPool1d(config.wave_tokens),
-        )
+        sizes = {"spectrum": self.n_bands, "envelope": self.n_env, "wave": config.wave_tokens}
+        self.n_tokens = sum(sizes[b] for b in config.branches)
+        if "spectrum" in config.branches:
+            self.norm_spec = FeatureNorm((c, p.n_bins), "vibration spectrum")
+            self.spec_in = nn.Linear(c * config.band_bins, d)
+        if "envelope" in config.branches:
+            self.norm_env = FeatureNorm((c, p.env_bins), "vibration envelope")
+            self.env_in = nn.Linear(c * config.env_band_bins, d)
+        if "wave" in config.branches:
+            self.norm_wave = FeatureNorm((c, 1), "vibration waveform")
+            self.conv = nn.Sequential(
+                nn.Conv1d(c, 32, kernel_size=64, stride=8, padding=28), nn.BatchNorm1d(32), nn.GELU(), nn.MaxPool1d(2),
+                nn.Conv1d(32, 64, kernel_size=3, padding=1), nn.BatchNorm1d(64), nn.GELU(), nn.MaxPool1d(2),
+                nn.Conv1d(64, 128, kernel_size=3, padding=1), nn.BatchNorm1d(128), nn.GELU(), nn.MaxPool1d(2),
+                nn.Conv1d(128, d, kernel_size=3, padding=1), nn.BatchNorm1d(d), nn.GELU(),
+                nn.AdaptiveAvgPool1d(config.wave_tokens),
+            )
         self.pos = nn.Parameter(torch.randn(self.n_tokens, d) * 0.02)
 
     def prepare(self, reading) -> dict[str, np.ndarray]:
         return self.config.preprocess(reading.values, reading.sample_rate_hz)
 
     def fit_normalisation(self, inputs: Mapping[str, Tensor]) -> None:
-        self.norm_spec.fit(inputs["spectrum"], (0,))
-        self.norm_env.fit(inputs["envelope"], (0,))
-        self.norm_wave.fit(inputs["wave"], (0, 2))
+        branches = self.config.branches
+        if "spectrum" in branches:
+            self.norm_spec.fit(inputs["spectrum"], (0,))
+        if "envelope" in branches:
+            self.norm_env.fit(inputs["envelope"], (0,))
+        if "wave" in branches:
+            self.norm_wave.fit(inputs["wave"], (0, 2))
 
     def forward_features(self, inputs: Mapping[str, Tensor]) -> Tensor:
         cfg = self.config
-        spec = self.norm_spec(inputs["spectrum"])  # [B, C, n_bins]
-        b, c, _ = spec.shape
-        spec = spec.reshape(b, c, self.n_bands, cfg.band_bins).permute(0, 2, 1, 3).reshape(b, self.n_bands, -1)
-        env = self.norm_env(inputs["envelope"])  # [B, C, env_bins]
-        env = env.reshape(b, c, self.n_env, cfg.env_band_bins).permute(0, 2, 1, 3).reshape(b, self.n_env, -1)
-        wave = self.conv(self.norm_wave(inputs["wave"])).transpose(1, 2)  # [B, wave_tokens, D]
-        tokens = torch.cat([self.spec_in(spec), self.env_in(env), wave], dim=1)  # [B, N, D]
-        return tokens + self.pos
+        groups = []
+        for branch in cfg.branches:
+            if branch == "spectrum":
+                spec = self.norm_spec(inputs["spectrum"])  # [B, C, n_bins]
+                b, c, _ = spec.shape
+                spec = spec.reshape(b, c, self.n_bands, cfg.band_bins).permute(0, 2, 1, 3).reshape(b, self.n_bands, -1)
+                groups.append(self.spec_in(spec))  # [B, n_bands, D]
+            elif branch == "envelope":
+                env = self.norm_env(inputs["envelope"])  # [B, C, env_bins]
+                b, c, _ = env.shape
+                env = env.reshape(b, c, self.n_env, cfg.env_band_bins).permute(0, 2, 1, 3).reshape(b, self.n_env, -1)
+                groups.append(self.env_in(env))  # [B, n_env, D]
+            else:
+                groups.append(self.conv(self.norm_wave(inputs["wave"])).transpose(1, 2))  # [B, wave_tokens, D]
+        return torch.cat(groups, dim=1) + self.pos  # [B, N, D]
 
     def token_info(self) -> list[TokenInfo]:
         p, cfg = self.config.preprocess, self.config
         out = []
-        step = p.f_max_hz / self.n_bands
-        out += [TokenInfo("spectrum", f"spectrum {i * step:.0f}-{(i + 1) * step:.0f} Hz", (i * step, (i + 1) * step))
-                for i in range(self.n_bands)]
-        step = p.env_max_hz / self.n_env
-        out += [TokenInfo("envelope", f"envelope {i * step:.0f}-{(i + 1) * step:.0f} Hz", (i * step, (i + 1) * step))
-                for i in range(self.n_env)]
-        seg = p.wave_len / p.wave_rate_hz / cfg.wave_tokens
-        out += [TokenInfo("waveform", f"waveform {i * seg:.3f}-{(i + 1) * seg:.3f} s", (i * seg, (i + 1) * seg))
-                for i in range(cfg.wave_tokens)]
+        for branch in cfg.branches:
+            if branch == "spectrum":
+                step = p.f_max_hz / self.n_bands
+                out += [TokenInfo("spectrum", f"spectrum {i * step:.0f}-{(i + 1) * step:.0f} Hz",
+                                  (i * step, (i + 1) * step)) for i in range(self.n_bands)]
+            elif branch == "envelope":
+                step = p.env_max_hz / self.n_env
+                out += [TokenInfo("envelope", f"envelope {i * step:.0f}-{(i + 1) * step:.0f} Hz",
+                                  (i * step, (i + 1) * step)) for i in range(self.n_env)]
+            else:
+                seg = p.wave_len / p.wave_rate_hz / cfg.wave_tokens
+                out += [TokenInfo("waveform", f"waveform {i * seg:.3f}-{(i + 1) * seg:.3f} s", (i * seg, (i + 1) * seg))
+                        for i in range(cfg.wave_tokens)]
         return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from inspection.errors import ConfigError, Reason, RecordError
 
 WAVEFORM_MIN_RATE_HZ = 1000.0  # below this a vibration reading is a low-rate series, not a waveform
+_SILENT_RMS_G = 1e-9  # a channel quieter than this (g) is treated as silent when dividing by its level
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,16 @@ class WaveformPreprocess:
         wave_rate_hz, wave_len: the waveform branch's fixed sample rate and length (L).
         env_relative: divide each envelope spectrum by its geometric mean (in log terms: subtract the mean), so
             its tokens describe where the fault frequencies stand out, not how loud the machine is (load).
+        env_modulation: divide each envelope spectrum by the envelope's mean, so it reads as modulation depth
+            (the share of the resonance amplitude that pulses at each frequency: an impact train at a fault
+            frequency gives a peak there whatever the load does to the vibration level).
+        level_invariant: divide each channel by its RMS before the spectrum and the waveform, so they describe
+            the shape of the vibration, not its level (which changes with load).
+        env_floor_bins: when > 0, subtract from the log envelope spectrum its running median over this many bins
+            (the local noise floor), leaving peak prominence: how far each frequency stands out of its
+            neighbourhood. Impact trains at fault frequencies stay peaks whatever load does to the floor.
+        env_low_pass_hz: when set, the envelope is taken of the band [env_high_pass_hz, env_low_pass_hz) only, so
+            recordings at different sample rates demodulate the same resonance band (default: up to Nyquist).
     """
 
     channels: int = 1
@@ -82,8 +93,23 @@ class WaveformPreprocess:
     wave_rate_hz: float = 24_414.0
     wave_len: int = 4096
     env_relative: bool = False
+    env_modulation: bool = False
+    level_invariant: bool = False
+    env_floor_bins: int = 0
+    env_low_pass_hz: float | None = None
 
     def __post_init__(self) -> None:
+        if self.env_relative and self.env_modulation:
+            raise ConfigError("env_relative and env_modulation are two normalisations of the envelope; choose one")
+        if self.env_relative and self.env_floor_bins:
+            raise ConfigError("env_relative and env_floor_bins are two normalisations of the envelope; choose one")
+        if isinstance(self.env_floor_bins, bool) or not isinstance(self.env_floor_bins, int) or \
+                not 0 <= self.env_floor_bins <= self.env_bins:
+            raise ConfigError(f"env_floor_bins must be an integer in [0, env_bins={self.env_bins}]; "
+                              f"got {self.env_floor_bins!r}")
+        if self.env_low_pass_hz is not None and not self.env_low_pass_hz > self.env_high_pass_hz:
+            raise ConfigError(f"env_low_pass_hz must be above env_high_pass_hz ({self.env_high_pass_hz:g} Hz); "
+                              f"got {self.env_low_pass_hz!r}")
         if self.channels < 1 or self.n_bins < 8 or self.env_bins < 8 or self.wave_len < 64:
             raise ConfigError("channels >= 1, n_bins >= 8, env_bins >= 8 and wave_len >= 64 are required")
         if not (self.env_max_hz > 0 and self.f_max_hz > 0 and self.wave_rate_hz >= 2 * self.env_max_hz):
@@ -106,6 +132,8 @@ class WaveformPreprocess:
         n = x.shape[1]
         if n < 256:
             raise RecordError(Reason.BAD_SHAPE, f"a vibration waveform needs >= 256 samples; got {n}")
+        if self.level_invariant:
+            x = x / np.maximum(np.sqrt((x**2).mean(axis=1, keepdims=True)), _SILENT_RMS_G)
         window = np.hanning(n)
         spec = np.abs(np.fft.rfft(x * window, axis=1)) * (2.0 / window.sum())  # amplitude in g
         freqs = np.fft.rfftfreq(n, 1.0 / rate_hz)
@@ -113,10 +141,15 @@ class WaveformPreprocess:
 
         hp = np.fft.rfft(x, axis=1)
         hp[:, freqs < self.env_high_pass_hz] = 0.0
+        if self.env_low_pass_hz is not None:
+            hp[:, freqs >= self.env_low_pass_hz] = 0.0
         analytic = signal.hilbert(np.fft.irfft(hp, n=n, axis=1), axis=1)
         env = np.abs(analytic)
-        env = env - env.mean(axis=1, keepdims=True)
+        env_mean = env.mean(axis=1, keepdims=True)
+        env = env - env_mean
         env_spec = np.abs(np.fft.rfft(env * window, axis=1)) * (2.0 / window.sum())
+        if self.env_modulation:
+            env_spec = env_spec / np.maximum(env_mean, _SILENT_RMS_G)
         envelope = _to_grid(env_spec, freqs, self.env_max_hz, self.env_bins)
 
         ratio = Fraction(self.wave_rate_hz / rate_hz).limit_denominator(1000)
@@ -125,6 +158,10 @@ class WaveformPreprocess:
         log_env = np.log(envelope + 1e-6)
         if self.env_relative:
             log_env = log_env - log_env.mean(axis=1, keepdims=True)
+        if self.env_floor_bins:
+            from scipy.ndimage import median_filter
+
+            log_env = log_env - median_filter(log_env, size=(1, self.env_floor_bins), mode="nearest")
         return {
             "spectrum": np.log(spectrum + 1e-6).astype(np.float32),
             "envelope": log_env.astype(np.float32),

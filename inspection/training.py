@@ -274,7 +274,7 @@ class WeightAverage:
 
     def averaged_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """A full state dict: the averaged floating-point tensors plus the model's other tensors, cloned."""
-        return {k: (self.state[k] if k in self.state else v).detach().clone() for k, v in model.state_dict().items()}
+        return {k: self.state.get(k, v).detach().clone() for k, v in model.state_dict().items()}
 
 
 def _save_checkpoint(path: Path, model: InspectionModel, opt: torch.optim.Optimizer, epoch: int,
