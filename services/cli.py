@@ -7,7 +7,8 @@ Commands::
     inspection produce                publish units of a data set (or history file) to the input topics
     inspection consume --topic T      print decoded records of a topic as JSON lines
     inspection data info|fetch        data set sizes and licences; fetch the bearing recordings
-    inspection demo                   broker -> topics -> produce -> consume -> verify, on real data
+    inspection serve --config F       the stream service: join, score, explain, decide (docs/service.md)
+    inspection demo                   broker -> topics -> produce -> serve -> decisions, on real data
 
 Exit codes: 0 success, 1 a check failed (e.g. the demo read back something else), 2 invalid input or an
 error the message explains, 130 interrupted.
@@ -263,25 +264,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from inspection.data.history import ArchivedUnit, write_history
     from services.broker import EmbeddedBroker, TopicNames, create_topics
     from services.clients import make_consumer, make_producer, wait_for_assignment
+    from services.demo_model import ensure_demo_model
     from services.publish import publish_units
     from services.readback import assemble_units, decode_record, drain
+    from services.serve import StreamService
+    from services.service_config import ServiceConfig
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
+    store = Path(args.store)
+    from inspection.store import ModelStore
+
+    promoted = ModelStore(store).promoted()
+    if promoted is None or not promoted.card.get("threshold_version"):
+        print(f"[demo] no calibrated model in {store}: training the small demo model on CPU (about a minute on "
+              "2 cores; once)", file=sys.stderr)
+    version = ensure_demo_model(store, run_dir=out / "demo-model")
+    model_s = time.monotonic() - t_start
     builder = CompositeBuilder(CompositeConfig(seed=args.seed))
     units = builder.units("test", args.units)
     truth = Counter(u.label.defect_class for u in units)
     print(f"[demo] {len(units)} composite units (real ELPV image + real bearing window + "
           f"{'real SKAB' if builder.temperature_source == 'skab' else 'synthetic'} temperature window); "
-          f"ground truth: {dict(truth)}", file=sys.stderr)
+          f"ground truth: {dict(truth)}; model {version.version} from {store}", file=sys.stderr)
     with EmbeddedBroker(log_path=out / "broker.log") as broker:
         topics = TopicNames()
         create_topics(broker.bootstrap, topics, partitions=args.partitions)
         print(f"[demo] broker {broker.bootstrap}, topics {', '.join(topics.all)}", file=sys.stderr)
+        config = ServiceConfig.from_mapping({
+            "model": {"store": str(store), "device": "cpu", "reload_interval_s": 0},
+            # the units are published far faster than their event times (10 s apart) advance: a replay
+            "join": {"timeout_s": 30.0, "watermark_lag_s": 600.0},
+            "metrics": {"port": 0},
+            "kafka": {"group_id": f"demo-serve-{uuid.uuid4().hex[:8]}", "commit_interval_ms": 500},
+            "archive": {"path": str(out / "archive"), "rotate_units": 1000, "rotate_s": 600},
+            "run_dir": str(out),
+        })
+        service = StreamService(config, broker.bootstrap, instance_id="demo")
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                service.run()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failure.append(exc)
+
+        server = threading.Thread(target=serve, name="serve", daemon=True)
+        server.start()
         consumer = make_consumer(topics.inputs, broker.bootstrap, f"demo-{uuid.uuid4().hex[:8]}")
+        decisions_reader = make_consumer([topics.decisions], broker.bootstrap, f"demo-read-{uuid.uuid4().hex[:8]}")
         try:
             assigned = wait_for_assignment(consumer, timeout_s=60)
+            wait_for_assignment(decisions_reader, timeout_s=60)
+            if not service.wait_ready(120):
+                raise InspectionError(f"the stream service did not start: {failure[0] if failure else 'timeout'}")
+            print(f"[demo] serving with metrics on http://127.0.0.1:{service.metrics_port}/metrics", file=sys.stderr)
             producer = make_producer(broker.bootstrap)
             try:
                 with _progress(len(units), "produce") as bar:
@@ -292,8 +330,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             received = [decode_record(r, topics) for r in drain(consumer, max_messages=report.messages,
                                                                 idle_timeout_s=15)]
             consume_s = time.monotonic() - t_consume
+            records = []
+            with _progress(len(units), "decisions") as bar:
+                for record in drain(decisions_reader, max_messages=len(units), idle_timeout_s=60):
+                    records.append(record)
+                    bar.update(1)
         finally:
             consumer.close(autocommit=False)
+            decisions_reader.close(autocommit=False)
+            service.stop()
+            server.join(120)
+        if failure:
+            raise failure[0]
         if broker.panicked():
             print("[demo] the broker log reports a panic", file=sys.stderr)
             return 1
@@ -306,6 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     archived = [ArchivedUnit(u, {m: report.coordinates[(u.unit_id, m)] for m in u.present}) for u in units]
     co_partitioned = sum(1 for a in archived if len({c.partition for c in a.inputs.values()}) == 1)
     n_hist = write_history(out / "history.parquet", archived)
+    decisions = {d.unit_id: d for d in (Decision.from_json(r.value) for r in records)}
     summary = {
         "units_produced": report.units,
         "messages_sent": dict(report.sent),
@@ -317,17 +366,77 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "rejected": dict(rejected),
         "produce_s": round(report.seconds, 2),
         "consume_s": round(consume_s, 2),
-        "total_s": round(time.monotonic() - t_start, 2),
         "history": str(out / "history.parquet"),
         "history_units": n_hist,
         "temperature_source": builder.temperature_source,
+        "model": {"store": str(store), "version": version.version, "note": version.card.get("note"),
+                  "prepare_s": round(model_s, 1)},
+        **_decision_summary(units, decisions, len(records)),
+        "service": service.summary(),
+        "total_s": round(time.monotonic() - t_start, 2),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
-    ok = identical == co_partitioned == n_hist == len(units) and not rejected
-    print(f"[demo] {'OK' if ok else 'MISMATCH'}: {identical}/{len(units)} units read back byte-identical "
-          f"through {broker.bootstrap}; history in {out / 'history.parquet'}", file=sys.stderr)
+    ok = (identical == co_partitioned == n_hist == len(units) and not rejected
+          and summary["decisions"] == summary["units_decided"] == len(units))
+    print(f"[demo] {'OK' if ok else 'MISMATCH'}: {identical}/{len(units)} units read back byte-identical; "
+          f"{summary['units_decided']}/{len(units)} decided by the stream service (accuracy "
+          f"{summary['accuracy']:.3f}, F1 {summary['f1']:.3f}, p50 latency {summary['latency_ms']['p50']:.0f} ms) "
+          f"through {broker.bootstrap}; decisions summary in {out / 'demo_summary.json'}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _decision_summary(units: list[Unit], decisions: dict[str, Decision], records: int) -> dict:
+    """Decisions against the composite units' ground truth: counts, accuracy, F1, blame, latency."""
+    import numpy as np
+
+    decided = [u for u in units if u.unit_id in decisions]
+    truth = np.array([u.label.defect for u in decided], bool)
+    said = np.array([decisions[u.unit_id].decision == "defect" for u in decided], bool)
+    tp, fp, fn = int((said & truth).sum()), int((said & ~truth).sum()), int((~said & truth).sum())
+    blamed = [u for u in decided if u.label.defect and decisions[u.unit_id].decision == "defect"]
+    top_right = sum(1 for u in blamed
+                    if max(decisions[u.unit_id].attributions["modality"].items(), key=lambda kv: kv[1])[0]
+                    in u.label.culprits)
+    latency = np.array([decisions[u.unit_id].latency_ms for u in decided]) if decided else np.zeros(1)
+    return {
+        "decisions": records,
+        "units_decided": len(decided),
+        "decision_counts": dict(Counter(decisions[u.unit_id].decision for u in decided)),
+        "units_with_missing_modalities": sum(1 for u in decided if decisions[u.unit_id].missing),
+        "accuracy": float((said == truth).mean()) if decided else 0.0,
+        "f1": tp / (tp + 0.5 * (fp + fn)) if tp + fp + fn else 1.0,
+        "top_modality_is_a_culprit": {"defects_found": len(blamed), "top_modality_right": top_right},
+        "latency_ms": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))},
+    }
+
+
+# ----------------------------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses as dc
+
+    from services.serve import StreamService, configure_logging
+    from services.service_config import load_service_config
+
+    config = load_service_config(args.config)
+    if args.group_id:
+        config = dc.replace(config, kafka=dc.replace(config.kafka, group_id=args.group_id))
+    if args.metrics_port is not None:
+        config = dc.replace(config, metrics=dc.replace(config.metrics, port=args.metrics_port))
+    bootstrap = args.bootstrap or config.kafka.bootstrap
+    if not bootstrap:
+        raise ConfigError("--bootstrap is required (or $INSPECTION_BOOTSTRAP, or kafka.bootstrap in the config)")
+    if args.verbose == 0:  # a service logs what it does; the Kafka client only when asked
+        logging.getLogger().setLevel(logging.INFO)
+    if args.verbose < 2:
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+    configure_logging(config.log_format)
+    service = StreamService(config, bootstrap, instance_id=args.instance_id)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop())
+    service.run()
+    print(json.dumps(service.summary()), flush=True)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -487,12 +596,24 @@ def build_parser() -> argparse.ArgumentParser:
     df = dsub.add_parser("fetch", help="download and verify the bearing recordings into the cache")
     df.set_defaults(func=cmd_data_fetch)
 
-    de = sub.add_parser("demo", help="embedded broker -> produce real composite units -> consume -> verify")
+    se = sub.add_parser("serve", help="the stream service: consume readings, join, score, explain, decide")
+    se.add_argument("--bootstrap", default=os.environ.get("INSPECTION_BOOTSTRAP"),
+                    help="Kafka bootstrap servers host:port[,host:port] (default: $INSPECTION_BOOTSTRAP, then "
+                         "kafka.bootstrap in the config)")
+    se.add_argument("--config", required=True, type=Path, help="service config, YAML or JSON (docs/service.md)")
+    se.add_argument("--group-id", help="consumer group (overrides kafka.group_id)")
+    se.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz (overrides metrics.port)")
+    se.add_argument("--instance-id", help="name of this instance in logs, client ids and archive files")
+    se.set_defaults(func=cmd_serve)
+
+    de = sub.add_parser("demo", help="embedded broker -> real composite units -> stream service -> decisions")
     de.add_argument("--units", type=int, default=200)
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--rate", type=float, default=0.0)
     de.add_argument("--partitions", type=int, default=3)
     de.add_argument("--out", default="runs/demo", help="output folder (broker log, history, summary)")
+    de.add_argument("--store", default="models/demo",
+                    help="model store; without a calibrated model there, a small one is trained on CPU first")
     de.set_defaults(func=cmd_demo)
     bench_choices = ["elpv", "bearings", "composite", "skab"]
     tr = sub.add_parser("train", help="train a model on a benchmark split and save it to the model store")

@@ -128,3 +128,53 @@ def unit_factory():
         return Unit(f"u{i}", line, **{m: r for m, r in parts.items() if m not in drop})
 
     return build
+
+
+# ---------------------------------------------------------------------------------------------- S3 emulator
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A local S3 emulator (``moto[server]``) in a child process; yields the ``AWS_*`` settings for Tansu.
+
+    Tansu's ``s3://`` storage keeps topics, records and committed offsets across a broker restart. Create a
+    bucket with ``boto3.client("s3", endpoint_url=env["AWS_ENDPOINT"], ...)`` before pointing a broker at it.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    try:
+        import boto3
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        pytest.fail(f"the S3 emulator needs moto[server] (the dev extra: pip install -e .[dev]): {exc}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "eu-west-2", "AWS_ALLOW_HTTP": "true"}
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                              region_name="eu-west-2")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the S3 emulator did not start; log {log_path}:\n{log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

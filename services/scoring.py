@@ -1,0 +1,330 @@
+"""Scoring joined units: the model from the store, one batched forward with exact modality explanations.
+
+B units · M modalities · R stacked coalition rows (Σ_b 2^{n_b}) · N tokens · D width
+
+:func:`load_serving_model` loads a version from a :class:`~inspection.store.ModelStore` (hash-verified) and
+refuses an uncalibrated one. :func:`score_units` turns a micro-batch of joined units into decisions:
+
+1. each unit's readings are preprocessed one by one; a reading the model's preprocessing rejects is
+   dead-lettered and the unit goes on without it (it is then listed as missing);
+2. one ``encode`` over the batch and one ``fuse`` over every coalition of every unit's present modalities
+   (:func:`explain.shapley.coalition_masks`; at most 8 rows per unit), reusing the encoder tokens;
+3. the grand coalition's row of each unit is the unit's own forward pass: its defect probability is the
+   decision's score (the same number as ``model(model.batch([unit])).score``), its class and per-modality
+   heads give the class and modality scores; the other rows give the exact Shapley values and pairwise
+   interactions (:func:`explain.shapley.attribution_from_values`).
+
+If the batched forward fails, each unit is scored alone, so one unit the model cannot take never costs the
+decisions of the others; a unit that fails alone is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from explain.shapley import CoalitionValues, all_coalitions, attribution_from_values, coalition_masks
+from inspection.errors import ConfigError, NotCalibratedError, StoreError
+from inspection.model import Encoded, InspectionModel, ModelConfig
+from inspection.records import MODALITIES, Decision, InputCoordinate, Unit
+from inspection.store import ModelStore
+from services.dlq import PREPROCESS_FAILED, SCORE_FAILED, DeadLetter, dead_letter_reading
+from services.join import JoinedUnit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A loaded, calibrated model and what decisions say about it.
+
+    Attributes:
+        model: the model, in eval mode, on ``device``.
+        version: the store's version id.
+        threshold_version: the calibration's version (from the card, else a hash of the thresholds).
+        device: where it runs.
+    """
+
+    model: InspectionModel
+    version: str
+    threshold_version: str
+    device: torch.device
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.model.config.modalities
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: ``cuda`` asked for without a CUDA device, or an unknown name.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device is cuda but no CUDA device is available; use cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"model.device must be auto, cpu or cuda; got {name!r}")
+    return torch.device(name)
+
+
+def load_serving_model(store: ModelStore, version: str | None, device: torch.device) -> ServingModel:
+    """Load a version (``None``: the promoted one), verify it and put it on ``device``.
+
+    Raises:
+        StoreError: nothing promoted, an unknown version, a tampered artifact or a card without a model config.
+        NotCalibratedError: the version has no decision thresholds.
+    """
+    entry = store.get(version) if version is not None else store.promoted()
+    if entry is None:
+        raise StoreError(f"no version of the model store {store.root} is promoted; train and calibrate one "
+                         "(`inspection train`, `inspection calibrate`) or promote one (`inspection models promote`)")
+    state, card = store.load(entry.version, device="cpu")
+    if "model_config" not in card:
+        raise StoreError(f"version {entry.version} in {store.root} has no model_config in its card; it was not "
+                         "saved by `inspection train`")
+    try:
+        model = InspectionModel(ModelConfig.from_dict(card["model_config"]))
+        model.load_state_dict(state)
+    except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
+        raise StoreError(f"version {entry.version} in {store.root} cannot be rebuilt: {exc}") from exc
+    if not model.calibrated:
+        raise NotCalibratedError(
+            f"version {entry.version} in {store.root} has no calibrated thresholds; run `inspection calibrate` "
+            "and serve the calibrated version"
+        )
+    model.eval().to(device)
+    threshold_version = card.get("threshold_version") or _thresholds_digest(model)
+    return ServingModel(model, entry.version, str(threshold_version), device)
+
+
+def _thresholds_digest(model: InspectionModel) -> str:
+    payload = repr((model.config.lines, model.thresholds.tolist())).encode()
+    return "t-" + hashlib.sha256(payload).hexdigest()[:10]
+
+
+# ------------------------------------------------------------------------------------------------ results
+@dataclass
+class Scored:
+    """What scoring made of one joined unit.
+
+    Attributes:
+        joined: the unit as the join released it.
+        decision: the decision, or None when nothing of the unit could be scored.
+        dead: readings dead-lettered at the score stage (the decision, if any, is made without them).
+        modality_scores: per scored modality, the modality head's defect probability (drift input).
+    """
+
+    joined: JoinedUnit
+    decision: Decision | None = None
+    dead: list[DeadLetter] = field(default_factory=list)
+    modality_scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def decision_coordinates(self) -> tuple[InputCoordinate, ...]:
+        return self.decision.inputs if self.decision is not None else ()
+
+
+@dataclass
+class BatchResult:
+    """One micro-batch: per-unit results, the router statistics of its forward pass, and its timing."""
+
+    scored: list[Scored]
+    router_stats: list[Any] = field(default_factory=list)
+    forward_units: int = 0
+    seconds: float = 0.0
+
+
+def _dead(joined: JoinedUnit, modality: str, reason: str, detail: str) -> DeadLetter:
+    return dead_letter_reading(getattr(joined.unit, modality), joined.inputs[modality], stage="score",
+                               reason=reason, detail=detail)
+
+
+def _prepare(serving: ServingModel, joined: JoinedUnit) -> tuple[dict[str, dict[str, np.ndarray]], list[DeadLetter]]:
+    """Preprocess each model modality of a unit; readings the preprocessing rejects become dead letters."""
+    prepared: dict[str, dict[str, np.ndarray]] = {}
+    dead: list[DeadLetter] = []
+    for m in serving.modalities:
+        reading = getattr(joined.unit, m)
+        if reading is None:
+            continue
+        try:
+            prepared[m] = serving.model.encoders[m].prepare(reading)
+        except Exception as exc:  # noqa: BLE001 - any failure of one reading must not stop the others
+            dead.append(_dead(joined, m, PREPROCESS_FAILED, f"{type(exc).__name__}: {exc}"))
+    return prepared, dead
+
+
+def _majority_shapes(prepared: Sequence[dict[str, dict[str, np.ndarray]]]) -> dict[tuple[str, str], tuple]:
+    counts: dict[tuple[str, str], Counter] = {}
+    for p in prepared:
+        for m, arrays in p.items():
+            for name, arr in arrays.items():
+                counts.setdefault((m, name), Counter())[np.shape(arr)] += 1
+    return {k: c.most_common(1)[0][0] for k, c in counts.items()}
+
+
+def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *, report_base_url: str | None = None,
+                clock=time.monotonic) -> BatchResult:
+    """Score a micro-batch of joined units (see the module docstring).
+
+    Args:
+        serving: the model.
+        units: joined units, any mix of present modalities.
+        report_base_url: decisions link to ``<url>/<decision id>.html`` when set.
+        clock: monotonic clock for the forward-pass timing.
+
+    Returns:
+        One :class:`Scored` per unit, in order.
+    """
+    t0 = clock()
+    results = [Scored(j) for j in units]
+    prepared: list[dict[str, dict[str, np.ndarray]]] = []
+    for res in results:
+        p, dead = _prepare(serving, res.joined)
+        res.dead.extend(dead)
+        prepared.append(p)
+    # a reading whose preprocessed shape differs from the batch's majority cannot be stacked with the others
+    shapes = _majority_shapes(prepared)
+    for res, p in zip(results, prepared, strict=True):
+        for m in list(p):
+            bad = [(name, np.shape(a)) for name, a in p[m].items() if np.shape(a) != shapes[(m, name)]]
+            if bad:
+                name, shape = bad[0]
+                expected = shapes[(m, name)]
+                res.dead.append(_dead(res.joined, m, PREPROCESS_FAILED,
+                                      f"preprocessed {m} input {name!r} has shape {shape}; the model takes {expected}"))
+                del p[m]
+    live = [i for i, p in enumerate(prepared) if p]
+    for i, res in enumerate(results):
+        if not prepared[i] and not res.dead:  # nothing the model reads: every reading of the unit is dead
+            for m in res.joined.unit.present:
+                res.dead.append(_dead(res.joined, m, SCORE_FAILED,
+                                      f"unit has none of the modalities the model reads ({serving.modalities})"))
+    out = BatchResult(results)
+    if live:
+        try:
+            out.router_stats = _forward(serving, [results[i] for i in live], [prepared[i] for i in live],
+                                        report_base_url)
+            out.forward_units = len(live)
+        except Exception as exc:  # noqa: BLE001 - isolate the unit the model cannot take
+            log.warning("batched forward of %d units failed (%s: %s); scoring them one by one",
+                        len(live), type(exc).__name__, exc)
+            for i in live:
+                try:
+                    out.router_stats = _forward(serving, [results[i]], [prepared[i]], report_base_url)
+                    out.forward_units += 1
+                except Exception as one:  # noqa: BLE001
+                    res = results[i]
+                    for m in prepared[i]:
+                        res.dead.append(_dead(res.joined, m, SCORE_FAILED, f"{type(one).__name__}: {one}"))
+    out.seconds = clock() - t0
+    return out
+
+
+@torch.inference_mode()
+def _forward(serving: ServingModel, results: list[Scored], prepared: list[dict[str, dict[str, np.ndarray]]],
+             report_base_url: str | None) -> list[Any]:
+    """One encode and one stacked fuse for the given units; fills their decisions. Returns router stats."""
+    model = serving.model
+    batch = model.collate(prepared, [r.joined.unit.line_id for r in results]).to(serving.device)
+    thresholds = model.threshold_for(batch.line_index).float().cpu().tolist()  # [B]
+    encoded = model.encode(batch)  # tokens [B, N, D]
+    masks, row_unit = coalition_masks(batch.present)  # [R, M], [R]
+    stacked = Encoded(
+        tokens=encoded.tokens.index_select(0, row_unit),  # [R, N, D]
+        modality_index=encoded.modality_index,
+        slices=encoded.slices,
+        present=encoded.present.index_select(0, row_unit),  # [R, M]
+    )
+    out = model.fuse(stacked, masks)
+    logits = out.defect_logit.float()  # [R]
+    probs = torch.sigmoid(logits).cpu()  # [R], as ModelOutput.score
+    logit_list = logits.double().cpu().tolist()
+    prob64 = torch.sigmoid(logits.double()).cpu().tolist()
+    class_logits = out.class_logits.float().cpu()  # [R, K]
+    modality_probs = torch.sigmoid(out.modality_logits.float()).cpu()  # [R, M]
+    present_rows = batch.present.cpu().tolist()
+    class_names = model.config.class_names
+    decided_at = datetime.now(UTC)
+    row = 0
+    for b, res in enumerate(results):
+        players = tuple(m for m, on in zip(MODALITIES, present_rows[b], strict=True) if on)
+        coalitions = all_coalitions(players)
+        span = range(row, row + len(coalitions))
+        full = span[-1]  # the grand coalition is the last subset (all_coalitions: smallest first)
+        row += len(coalitions)
+        values = CoalitionValues(players, dict(zip(coalitions, (logit_list[r] for r in span), strict=True)),
+                                 dict(zip(coalitions, (prob64[r] for r in span), strict=True)))
+        attribution = attribution_from_values(res.joined.unit.unit_id, values)
+        score = float(probs[full])
+        threshold = float(thresholds[b])
+        is_defect = score >= threshold
+        defect_class = class_names[1 + int(class_logits[full, 1:].argmax())] if is_defect else class_names[0]
+        res.modality_scores = {m: float(modality_probs[full, MODALITIES.index(m)]) for m in players}
+        res.decision = _decision(res, serving, players, score, threshold, defect_class, attribution,
+                                 decided_at, report_base_url)
+    return list(out.router_stats)
+
+
+def _decision(res: Scored, serving: ServingModel, players: tuple[str, ...], score: float, threshold: float,
+              defect_class: str, attribution, decided_at: datetime, report_base_url: str | None) -> Decision:
+    joined = res.joined
+    unit: Unit = joined.unit
+    inputs = tuple(joined.inputs[m] for m in players)
+    # missing: what the join found missing, plus readings the preprocessing rejected (dead-lettered above)
+    absent = set(joined.missing) | (set(unit.present) - set(players))
+    missing = tuple(m for m in MODALITIES if m in absent)
+    attributions = {
+        "modality": dict(attribution.phi),
+        "modality_probability": dict(attribution.phi_prob),
+        "interactions": dict(attribution.interactions),
+        "baseline_logit": attribution.value_empty,
+        "efficiency_gap": attribution.efficiency_gap,
+        "coalitions": attribution.coalitions,
+        "method": attribution.method,
+    }
+    decision = Decision(
+        unit_id=unit.unit_id,
+        line_id=unit.line_id,
+        decision="defect" if score >= threshold else "ok",
+        score=score,
+        threshold=threshold,
+        defect_class=defect_class,
+        modality_scores=res.modality_scores,
+        present=players,
+        missing=missing,
+        attributions=attributions,
+        model_version=serving.version,
+        threshold_version=serving.threshold_version,
+        inputs=inputs,
+        event_time=unit.event_time,
+        decided_at=decided_at,
+        latency_ms=0.0,
+        report_url=None,
+    )
+    if report_base_url:
+        decision = _with(decision, report_url=f"{report_base_url.rstrip('/')}/{decision.id}.html")
+    return decision
+
+
+def _with(decision: Decision, **changes) -> Decision:
+    from dataclasses import replace
+
+    return replace(decision, **changes)
+
+
+def with_latency(decision: Decision, latency_ms: float) -> Decision:
+    """The same decision with its latency set (the id does not depend on it)."""
+    return _with(decision, latency_ms=max(0.0, float(latency_ms)))

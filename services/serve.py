@@ -1,0 +1,866 @@
+"""``inspection serve``: the stream service: consume readings, join units, score, explain, decide.
+
+Pipeline (STYLE 12: every stage has an error policy; offsets are committed in one method, after the sinks)::
+
+    consumer (group over the 3 co-partitioned input topics, range assignor)
+      -> align   per partition number, readings in event-time order (services.align)
+      -> decode  CloudEvents binary codec; a rejection   -> DLQ stage=deserialize, reason = codec reason
+      -> join    UnitJoiner keyed by unit_id;  late / line mismatch / modality the model does not read
+                                                          -> DLQ stage=join
+      -> queue   closed units wait for a micro-batch (max_batch, max_delay_ms); a full queue pauses
+                 the input partitions (backpressure)
+      -> score   scorer thread: one encode + one stacked fuse per batch (decision + exact modality Shapley
+                 values and interactions); preprocessing failures -> DLQ stage=score
+      -> sinks   decisions topic (CloudEvent JSON, deterministic id), DLQ, optional Parquet archive
+      -> commit  per input partition, the lowest offset still needed by the join, the queue, an unacked
+                 decision or dead letter, or an unwritten archive file (at-least-once)
+
+Threads: the main thread owns the consumer, the join and the offset bookkeeping; the scorer thread owns the
+model (hot reload happens between its batches); producer acknowledgements, archive writes and rebalance
+notifications come back to the main thread through queues. Nothing but the queues is shared.
+
+Rebalances (eager, range assignor): every revocation resets the join, the buffers and the queue, and each
+partition kept is rewound to its lowest offset still needed, so units are never half-joined across owners:
+whatever was not settled is read again, and its decision, if it had been sent, is sent again with the same
+id (same unit, model version and input coordinates).
+
+Shutdown on SIGTERM (:meth:`StreamService.stop`): stop reading, score what is queued, wait for every
+acknowledgement (at most ``shutdown_timeout_s``), write the archive, commit, close. Units still waiting in
+the join are left uncommitted for the next owner unless ``join.flush_on_shutdown`` is set.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.errors import KafkaError
+
+from inspection.codec import decode_reading
+from inspection.data.history import ArchivedUnit
+from inspection.errors import BrokerError, ConfigError, InspectionError, RecordError
+from inspection.records import InputCoordinate
+from inspection.store import ModelStore
+from services import dlq as dlqmod
+from services.align import EventTimeAligner, OffsetTracker
+from services.clients import make_consumer, make_producer, validate_bootstrap
+from services.drift import DriftMonitor
+from services.join import JoinedUnit, LateReading, UnitJoiner
+from services.metrics import Heartbeat, OpsServer, ServiceMetrics
+from services.scoring import ServingModel, load_serving_model, resolve_device, score_units, with_latency
+from services.service_config import ServiceConfig
+
+log = logging.getLogger(__name__)
+
+#: Content type of the decision records (structured-mode CloudEvents).
+DECISION_CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
+#: Dead-letter warnings logged per reason per minute; the rest go to debug (counts are in the metrics).
+_DLQ_LOG_PER_MINUTE = 20
+_POLL_MS = 50
+_RETRY_MAX_S = 5.0
+_LIVENESS_S = 60.0
+
+
+@dataclass
+class WorkItem:
+    """A closed unit on its way through scoring and the sinks (times from ``time.monotonic``)."""
+
+    joined: JoinedUnit
+    first_arrival: float
+    last_arrival: float
+    closed_at: float
+    generation: int
+
+
+@dataclass
+class Outgoing:
+    """One record for the decisions topic or the DLQ, with what its acknowledgement settles."""
+
+    kind: str  # "decision" or "dlq"
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+    coordinates: tuple[InputCoordinate, ...]
+    generation: int
+    labels: tuple[str, ...]
+    item: WorkItem | None = None
+    attempts: int = 0
+    sent_at: float = 0.0
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Forwards rebalance notifications to the main thread (the consumer may call it from its IO thread)."""
+
+    def __init__(self, events: queue.SimpleQueue) -> None:
+        self.events = events
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.events.put(("revoked", set(revoked)))
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.events.put(("assigned", set(assigned)))
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message, and the record's coordinate if any."""
+
+    FIELDS = ("coordinate", "unit_id", "stage", "reason", "decision_id")
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace(
+                "+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in self.FIELDS:
+            if hasattr(record, key):
+                out[key] = str(getattr(record, key))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(log_format: str) -> None:
+    """Switch every root handler to ``json`` lines, or leave the text format."""
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
+
+
+class _RateLimitedLog:
+    """At most ``per_minute`` warnings per key per minute; the rest at debug level."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._window: dict[str, tuple[float, int]] = {}
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        start, count = self._window.get(key, (now, 0))
+        if now - start >= 60.0:
+            start, count = now, 0
+        self._window[key] = (start, count + 1)
+        return count < self.per_minute
+
+
+@dataclass
+class ServiceStats:
+    """Counters of one run (also in the metrics), for the CLI summary and tests."""
+
+    records: int = 0
+    readings: int = 0
+    decisions_sent: int = 0
+    decisions_acked: int = 0
+    dead_letters_acked: int = 0
+    late: int = 0
+    retries: int = 0
+    commits: int = 0
+    rebalances: int = 0
+    reloads: int = 0
+    batches: int = 0
+    pauses: int = 0
+    max_queue_depth: int = 0
+    model_versions: list[str] = field(default_factory=list)
+
+
+class StreamService:
+    """The stream service: one member of the consumer group.
+
+    Args:
+        config: the validated service configuration.
+        bootstrap: ``host:port[,host:port]`` of the Kafka cluster.
+        instance_id: names this instance in client ids, logs and archive files; default ``<host>-<pid>``.
+
+    Raises:
+        ConfigError: an invalid bootstrap list.
+    """
+
+    def __init__(self, config: ServiceConfig, bootstrap: str, *, instance_id: str | None = None) -> None:
+        if not isinstance(config, ServiceConfig):
+            raise ConfigError(f"config must be a ServiceConfig; got {type(config).__name__}")
+        self.config = config
+        self.bootstrap = validate_bootstrap(bootstrap)
+        self.topics = config.topics.names()
+        self.instance = instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = ServiceMetrics()
+        self.stats = ServiceStats()
+        self._limits = config.limits.codec_limits()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._heartbeat = Heartbeat(_LIVENESS_S)
+        self._dlq_log = _RateLimitedLog(_DLQ_LOG_PER_MINUTE)
+        # main-thread state
+        self._joiner = UnitJoiner(config.join.join_config())
+        self._aligner = EventTimeAligner(self.topics.inputs, config.join.align_idle_ms / 1000.0,
+                                        config.join.watermark_lag_s * 1000.0)
+        self._tracker = OffsetTracker()
+        self._arrivals: dict[str, tuple[float, float]] = {}
+        self._assignment: set[TopicPartition] = set()
+        self._resume: dict[tuple[str, int], int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._retries: list[tuple[float, int, Outgoing]] = []
+        self._retry_seq = itertools.count()
+        self._paused_total = 0.0
+        self._paused_since: float | None = None
+        self._seen_duplicates = 0
+        # shared through queues / the condition
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._rebalance_events: queue.SimpleQueue = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._queue: deque[WorkItem] = deque()
+        self._scoring = 0
+        self._draining = False
+        self._scorer_stop = False
+        self._inflight = 0  # records sent and not yet acknowledged (under self._cv)
+        # built in run()
+        self._serving: ServingModel | None = None
+        self._store: ModelStore | None = None
+        self._device = None
+        self._consumer = None
+        self._producer = None
+        self._ops: OpsServer | None = None
+        self._archive = None
+        self._scorer: threading.Thread | None = None
+        self._drift = DriftMonitor(config.drift.window, config.drift.alpha) if config.drift.enabled else None
+        self._next_reload = 0.0
+        self._failed_version: str | None = None
+        self._sinks = 1 + (1 if config.archive.path else 0)
+
+    # ------------------------------------------------------------------------------------------ control
+    def stop(self) -> None:
+        """Ask for a graceful shutdown (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until the model is loaded and the group assigned partitions (or the timeout passes)."""
+        return self._ready.wait(timeout_s)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._ops.port if self._ops is not None else None
+
+    @property
+    def model_version(self) -> str | None:
+        return self._serving.version if self._serving is not None else None
+
+    def queue_depth(self) -> int:
+        """Units closed and not yet settled: queued, being scored, or with a decision or dead letter in flight."""
+        with self._cv:
+            return len(self._queue) + self._scoring + self._inflight
+
+    # ---------------------------------------------------------------------------------------------- run
+    def run(self) -> ServiceStats:
+        """Serve until :meth:`stop`; returns the run's counters.
+
+        Raises:
+            ConfigError: the model does not read every expected modality, or invalid client settings.
+            StoreError / NotCalibratedError: no usable model in the store.
+            BrokerError: the cluster cannot be reached at start.
+        """
+        try:
+            self._setup()
+            self._loop()
+        finally:
+            self._shutdown()
+        return self.stats
+
+    def _setup(self) -> None:
+        cfg = self.config
+        import torch
+
+        if cfg.model.threads is not None:
+            torch.set_num_threads(cfg.model.threads)
+        self._device = resolve_device(cfg.model.device)
+        self._store = ModelStore(cfg.model.store)
+        self._serving = self._load_model(cfg.model.version)
+        self._next_reload = time.monotonic() + cfg.model.reload_interval_s
+        security = cfg.security.client_settings()
+        self._producer = make_producer(self.bootstrap, client_id=f"inspection-serve-{self.instance}",
+                                       reconnect_backoff_max_ms=2_000,
+                                       **{**cfg.kafka.producer, **security})
+        consumer_overrides = {
+            "client_id": f"inspection-serve-{self.instance}",
+            "partition_assignment_strategy": (RangePartitionAssignor,),
+            "max_poll_records": cfg.kafka.max_poll_records,
+            "reconnect_backoff_max_ms": 2_000,
+            **cfg.kafka.consumer,
+            **security,
+        }
+        self._consumer = make_consumer([], self.bootstrap, cfg.kafka.group_id, **consumer_overrides)
+        try:
+            self._consumer.subscribe(list(self.topics.inputs), listener=_Listener(self._rebalance_events))
+        except KafkaError as exc:
+            raise BrokerError(f"cannot subscribe to {list(self.topics.inputs)}: {exc}") from exc
+        if cfg.archive.path:
+            from services.archive import ArchiveSink
+
+            self._archive = ArchiveSink(cfg.archive.path, self.instance, cfg.archive.rotate_units,
+                                        cfg.archive.rotate_s, self._archived).start()
+        if cfg.metrics.enabled:
+            self._ops = OpsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self._heartbeat.check,
+                                  self._readiness).start()
+        self._scorer = threading.Thread(target=self._score_loop, name="scorer", daemon=True)
+        self._scorer.start()
+        self._write_resolved_config()
+        log.info("serving %s from %s as %s in group %s (model %s on %s, expected %s)",
+                 list(self.topics.inputs), self.bootstrap, self.instance, cfg.kafka.group_id,
+                 self._serving.version, self._device, list(cfg.join.expected))
+
+    def _load_model(self, version: str | None) -> ServingModel:
+        serving = load_serving_model(self._store, version, self._device)
+        lacking = [m for m in self.config.join.expected if m not in serving.modalities]
+        if lacking:
+            raise ConfigError(f"join.expected names {lacking}, which model {serving.version} does not read "
+                              f"(it reads {list(serving.modalities)})")
+        self.metrics.set_model(serving.version, serving.threshold_version)
+        self.stats.model_versions.append(serving.version)
+        return serving
+
+    def _write_resolved_config(self) -> None:
+        if not self.config.run_dir:
+            return
+        run_dir = Path(self.config.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {
+            "config": self.config.resolved(),
+            "bootstrap": self.bootstrap,
+            "instance": self.instance,
+            "topics": dict(zip(("vision", "vibration", "temperature", "decisions", "dlq"), self.topics.all,
+                               strict=True)),
+            "model_version": self._serving.version,
+            "threshold_version": self._serving.threshold_version,
+            "device": str(self._device),
+            "started": datetime.now(UTC).isoformat(),
+        }
+        (run_dir / f"service-{self.instance}.resolved.json").write_text(json.dumps(resolved, indent=2))
+
+    def _readiness(self) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return False, "shutting down"
+        if self._serving is None:
+            return False, "no model loaded"
+        if not self._assignment:
+            return False, "no partitions assigned yet"
+        return True, f"ok: model {self._serving.version}, {len(self._assignment)} partitions"
+
+    # ---------------------------------------------------------------------------------------- main loop
+    def _loop(self) -> None:
+        cfg = self.config
+        commit_every = cfg.kafka.commit_interval_ms / 1000.0
+        next_commit = time.monotonic() + commit_every
+        while not self._stop.is_set():
+            self._heartbeat.beat()
+            polled = {}
+            if self._input_open():
+                try:
+                    polled = self._consumer.poll(timeout_ms=_POLL_MS, max_records=cfg.kafka.max_poll_records)
+                except KafkaError as exc:
+                    log.warning("polling the input topics failed (%s: %s); retrying", type(exc).__name__, exc)
+                    time.sleep(0.5)
+            else:
+                with self._cv:  # wait for the scorer to make room (or for the alignment to move on)
+                    self._cv.wait(timeout=_POLL_MS / 1000.0)
+            rewound = self._handle_rebalances()
+            for tp, records in polled.items():
+                if tp in rewound:
+                    continue  # fetched before the rewind: they will be fetched again
+                for record in records:
+                    self._aligner.add(record)
+                    self.stats.records += 1
+            if self._paused_since is None:
+                # each released reading closes at most one unit: never release more than the queue has room for
+                room = max(1, cfg.batching.max_queue - self.queue_depth())
+                for record in self._aligner.release(self._join_now(), self._owned, limit=room):
+                    self._handle_record(record)
+                for joined in self._joiner.poll(self._join_now()):
+                    self._enqueue(joined)
+            self._drain_events()
+            self._resend_due()
+            if time.monotonic() >= next_commit:
+                self._commit()
+                next_commit = time.monotonic() + commit_every
+            self._update_gauges()
+
+    def _join_now(self) -> float:
+        """Processing time for the join: monotonic seconds minus the time the input was paused."""
+        paused = self._paused_total + (time.monotonic() - self._paused_since if self._paused_since else 0.0)
+        return time.monotonic() - paused
+
+    def _owned(self, topic: str, partition: int) -> bool:
+        return TopicPartition(topic, partition) in self._assignment
+
+    def _input_open(self) -> bool:
+        """Backpressure: whether to poll for more input now.
+
+        Input stops while the queue is full (and resumes at half, hysteresis), and while the alignment buffers
+        hold more than ``join.buffer_records`` per owned input partition and are not waiting for a topic that
+        fell behind (then only more input can unblock them; the wait is bounded by ``join.align_idle_ms``).
+
+        The service stops polling instead of pausing partitions: kafka-python 3.0's fetcher can leave
+        paused-then-resumed partitions parked and never fetch them again (measured against the embedded
+        broker), while the group membership is kept by the client's background thread (a poll at least every
+        ``max_poll_interval_ms``, 5 min, is all it needs).
+        """
+        if not self._assignment:
+            return True
+        cfg = self.config
+        depth = self.queue_depth()
+        self.stats.max_queue_depth = max(self.stats.max_queue_depth, depth)
+        if self._paused_since is None and depth >= cfg.batching.max_queue:
+            self._paused_since = time.monotonic()
+            self.stats.pauses += 1
+            log.info("queue full (%d units): input paused", depth)
+        elif self._paused_since is not None and depth <= cfg.batching.max_queue // 2:
+            self._paused_total += time.monotonic() - self._paused_since
+            self._paused_since = None
+            log.info("queue drained (%d units): input resumed", depth)
+        buffered = len(self._aligner)
+        aligned_full = buffered >= cfg.join.buffer_records * len(self._assignment) and not self._aligner.waiting
+        paused = self._paused_since is not None or aligned_full
+        self.metrics.input_paused.set(1 if paused else 0)
+        return not paused
+
+    # -------------------------------------------------------------------------------------- rebalances
+    def _handle_rebalances(self) -> set[TopicPartition]:
+        """Apply revocations and assignments reported by the listener; returns the partitions rewound."""
+        rewound: set[TopicPartition] = set()
+        while True:
+            try:
+                kind, partitions = self._rebalance_events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "revoked":
+                self._revoke(partitions)
+            else:
+                rewound |= self._assign(partitions)
+        return rewound
+
+    def _revoke(self, partitions: set[TopicPartition]) -> None:
+        if not partitions and not self._assignment:
+            return  # the first join of the group: nothing was owned
+        safe = self._tracker.safe_offsets(self._joiner.held_offsets())
+        resume = dict(safe)
+        for key, buffered in self._aligner.first_offsets().items():
+            resume[key] = min(resume.get(key, buffered), buffered)
+        self._resume.update(resume)
+        dropped = self._joiner.pending
+        with self._cv:
+            dropped += len(self._queue)
+            self._queue.clear()
+        self._joiner = UnitJoiner(self.config.join.join_config())
+        self._arrivals.clear()
+        self._aligner.discard()
+        self._tracker.reset()
+        self._committed.clear()
+        self._retries.clear()
+        self._assignment = set()
+        self._ready.clear()
+        self.metrics.ready.set(0)
+        self.stats.rebalances += 1
+        self.metrics.rebalances.inc()
+        log.info("partitions revoked (%d); %d units not yet settled will be read again from %s", len(partitions),
+                 dropped, {f"{t}[{p}]": o for (t, p), o in sorted(resume.items())})
+
+    def _assign(self, partitions: set[TopicPartition]) -> set[TopicPartition]:
+        rewound = set()
+        for tp in partitions:
+            offset = self._resume.get((tp.topic, tp.partition))
+            if offset is not None:
+                try:
+                    self._consumer.seek(tp, offset)
+                except (ValueError, KafkaError) as exc:
+                    log.warning("cannot rewind %s[%d] to %d: %s", tp.topic, tp.partition, offset, exc)
+                    continue
+                rewound.add(tp)
+        self._resume.clear()
+        self._assignment = set(self._consumer.assignment())
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in self._assignment))
+        if self._assignment:
+            self._ready.set()
+            self.metrics.ready.set(1)
+        return rewound
+
+    # ------------------------------------------------------------------------------------------ records
+    def _handle_record(self, record: Any) -> None:
+        coordinate = InputCoordinate(record.topic, record.partition, record.offset)
+        self._tracker.processed(record.topic, record.partition, record.offset)
+        modality = self.topics.modality_of(record.topic)
+        t0 = time.perf_counter()
+        try:
+            reading = decode_reading(record.value, record.headers, key=record.key, expected_modality=modality,
+                                     limits=self._limits)
+        except RecordError as exc:
+            self._dead_letter_record(record, coordinate, "deserialize", exc.reason.value, exc.detail)
+            return
+        except Exception as exc:  # noqa: BLE001 - malformed input must never stop the service
+            self._dead_letter_record(record, coordinate, "deserialize", dlqmod.DECODE_FAILED,
+                                     f"{type(exc).__name__}: {exc}")
+            return
+        self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t0)
+        serving = self._serving
+        if reading.modality not in serving.modalities:
+            self._dead_letter_record(record, coordinate, "join", dlqmod.MODALITY_NOT_SCORED,
+                                     f"model {serving.version} does not read {reading.modality} "
+                                     f"(it reads {list(serving.modalities)})")
+            return
+        self.metrics.readings.labels(reading.modality).inc()
+        self.stats.readings += 1
+        now = time.monotonic()
+        unit_id = reading.unit_id
+        previous = self._arrivals.get(unit_id)
+        self._arrivals[unit_id] = (previous[0] if previous else now, now)
+        for out in self._joiner.add(reading, coordinate, self._join_now()):
+            if isinstance(out, LateReading):
+                if previous is None:
+                    self._arrivals.pop(unit_id, None)
+                else:
+                    self._arrivals[unit_id] = previous
+                self.stats.late += 1
+                self.metrics.late.labels(out.reason).inc()
+                detail = (f"unit {out.unit_id} was already decided" if out.reason == dlqmod.LATE
+                          else f"unit {out.unit_id} is pending under another line than {reading.line_id!r}")
+                self._dead_letter_record(record, coordinate, "join", out.reason, detail)
+            else:
+                self._enqueue(out)
+        duplicates = self._joiner.duplicates
+        if duplicates > self._seen_duplicates:
+            self.metrics.duplicates.inc(duplicates - self._seen_duplicates)
+            log.info("duplicate %s reading of unit %s at %s ignored (the first one is kept)", reading.modality,
+                     unit_id, coordinate, extra={"coordinate": coordinate, "unit_id": unit_id})
+            self._seen_duplicates = duplicates
+
+    def _dead_letter_record(self, record: Any, coordinate: InputCoordinate, stage: str, reason: str,
+                            detail: str) -> None:
+        letter = dlqmod.dead_letter(key=record.key, value=record.value, headers=record.headers,
+                                    coordinate=coordinate, stage=stage, reason=reason, detail=detail,
+                                    timestamp_ms=getattr(record, "timestamp", None))
+        generation = self._tracker.hold([coordinate])
+        self._send_dead_letter(letter, generation)
+
+    def _send_dead_letter(self, letter: dlqmod.DeadLetter, generation: int) -> None:
+        level = logging.WARNING if self._dlq_log.allow(letter.reason) else logging.DEBUG
+        log.log(level, "dead-lettered %s (stage %s, reason %s): %s", letter.coordinate, letter.stage, letter.reason,
+                letter.detail, extra={"coordinate": letter.coordinate, "stage": letter.stage, "reason": letter.reason})
+        self._send(Outgoing("dlq", self.topics.dlq, letter.key, letter.value, letter.headers,
+                            (letter.coordinate,), generation, (letter.stage, letter.reason)))
+
+    def _enqueue(self, joined: JoinedUnit) -> None:
+        now = time.monotonic()
+        first, last = self._arrivals.pop(joined.unit.unit_id, (now, now))
+        generation = self._tracker.hold(joined.coordinates, count=self._sinks)
+        self.metrics.units.labels(joined.closed_by).inc()
+        if joined.closed_by == "timeout":
+            self.metrics.join_timeouts.inc()
+        self.metrics.stage_seconds.labels("join").observe(now - first)
+        if joined.missing:
+            log.info("unit %s closed by %s without %s", joined.unit.unit_id, joined.closed_by,
+                     list(joined.missing), extra={"unit_id": joined.unit.unit_id})
+        with self._cv:
+            self._queue.append(WorkItem(joined, first, last, now, generation))
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------------------------------ sending
+    def _send(self, out: Outgoing) -> None:
+        """Hand one record to the producer; its acknowledgement (or failure) comes back as an event."""
+        out.attempts += 1
+        out.sent_at = time.monotonic()
+        with self._cv:
+            if out.kind == "decision" and out.attempts == 1 and self._scoring > 0:
+                self._scoring -= 1  # the unit moves from being scored to being in flight
+            self._inflight += 1
+        try:
+            future = self._producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
+        except Exception as exc:  # noqa: BLE001 - buffer full, metadata unavailable, broker gone: retry later
+            self._events.put(("failed", out, exc))
+            return
+        future.add_callback(lambda metadata: self._events.put(("acked", out, metadata)))
+        future.add_errback(lambda exc: self._events.put(("failed", out, exc)))
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            kind = event[0]
+            if kind == "acked":
+                metadata = event[2]
+                if getattr(metadata, "offset", -1) < 0:
+                    # an acknowledgement without an offset (kafka-python reports a broker's
+                    # DUPLICATE_SEQUENCE_NUMBER answer as success with offset -1) proves nothing: the embedded
+                    # broker gave it across a restart for records it did not hold. Send the record again.
+                    self._failed(event[1], BrokerError("acknowledged without an offset"))
+                else:
+                    self._acked(event[1])
+            elif kind == "failed":
+                self._failed(event[1], event[2])
+            elif kind == "release":
+                _, coordinates, generation = event
+                self._tracker.release(coordinates, generation)
+            elif kind == "archived":
+                for coordinates, generation in event[1]:
+                    self._tracker.release(coordinates, generation)
+
+    def _acked(self, out: Outgoing) -> None:
+        with self._cv:
+            self._inflight -= 1
+        self._tracker.release(out.coordinates, out.generation)
+        now = time.monotonic()
+        self.metrics.stage_seconds.labels("produce").observe(now - out.sent_at)
+        if out.kind == "decision":
+            self.stats.decisions_acked += 1
+            self.metrics.decisions.labels(out.labels[0]).inc()
+            if out.item is not None:
+                self.metrics.stage_seconds.labels("end_to_end").observe(now - out.item.last_arrival)
+        else:
+            self.stats.dead_letters_acked += 1
+            self.metrics.dlq.labels(*out.labels).inc()
+
+    def _failed(self, out: Outgoing, exc: BaseException) -> None:
+        with self._cv:
+            self._inflight -= 1
+        if out.generation != self._tracker.generation:
+            return  # its partitions were revoked: the records are read again and re-decided
+        delay = min(_RETRY_MAX_S, 0.2 * 2 ** min(out.attempts, 5))
+        self.stats.retries += 1
+        log.warning("writing a %s for %s to %s failed (attempt %d: %s: %s); retrying in %.1f s", out.kind,
+                    ", ".join(map(str, out.coordinates)), out.topic, out.attempts, type(exc).__name__, exc, delay)
+        heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_seq), out))
+
+    def _resend_due(self) -> None:
+        now = time.monotonic()
+        while self._retries and self._retries[0][0] <= now:
+            _, _, out = heapq.heappop(self._retries)
+            if out.generation == self._tracker.generation:
+                self._send(out)
+
+    def _archived(self, tokens: list[Any]) -> None:
+        """Archive writer callback (its thread): the units' offsets no longer need the archive."""
+        self._events.put(("archived", tokens))
+
+    # ------------------------------------------------------------------------------------------- commit
+    def _commit(self) -> None:
+        """Commit, per assigned input partition, the lowest offset still needed (the only commit site)."""
+        if not self._assignment:
+            return
+        safe = self._tracker.safe_offsets(self._joiner.held_offsets())
+        offsets = {}
+        for (topic, partition), offset in safe.items():
+            tp = TopicPartition(topic, partition)
+            if tp in self._assignment and offset > self._committed.get(tp, -1):
+                offsets[tp] = OffsetAndMetadata(offset, "", -1)
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets)
+        except (KafkaError, OSError) as exc:
+            log.warning("offset commit failed (%s: %s); the next one retries", type(exc).__name__, exc)
+            return
+        for tp, meta in offsets.items():
+            self._committed[tp] = meta.offset
+        self.stats.commits += 1
+        self.metrics.commits.inc()
+        log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": m.offset for tp, m in offsets.items()})
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.queue_depth())
+        self.metrics.pending_units.set(self._joiner.pending)
+
+    # ------------------------------------------------------------------------------------------- scorer
+    def _score_loop(self) -> None:
+        cfg = self.config
+        max_batch = cfg.batching.max_batch
+        max_delay = cfg.batching.max_delay_ms / 1000.0
+        while True:
+            batch: list[WorkItem] = []
+            with self._cv:
+                if self._queue:
+                    wait = self._queue[0].closed_at + max_delay - time.monotonic()
+                    if len(self._queue) >= max_batch or wait <= 0 or self._draining:
+                        batch = [self._queue.popleft() for _ in range(min(max_batch, len(self._queue)))]
+                        self._scoring = len(batch)
+                    else:
+                        self._cv.wait(timeout=wait)
+                        continue
+                elif self._scorer_stop:
+                    return
+                else:
+                    self._cv.wait(timeout=0.5)
+            if not batch:
+                self._maybe_reload()
+                continue
+            try:
+                self._maybe_reload()
+                self._score_batch(batch)
+            except Exception:  # noqa: BLE001 - the scorer must survive anything; units stay uncommitted
+                log.exception("scoring a batch of %d units failed; they will be read again after a restart",
+                              len(batch))
+            finally:
+                with self._cv:
+                    self._scoring = 0
+                    self._cv.notify_all()
+
+    def _score_batch(self, batch: list[WorkItem]) -> None:
+        serving = self._serving
+        start = time.monotonic()
+        for item in batch:
+            self.metrics.stage_seconds.labels("queue").observe(start - item.closed_at)
+        result = score_units(serving, [item.joined for item in batch], report_base_url=self.config.report_base_url)
+        self.stats.batches += 1
+        self.metrics.stage_seconds.labels("score").observe(result.seconds)
+        self.metrics.batch_size.observe(len(batch))
+        if result.router_stats:
+            self.metrics.set_router_stats(result.router_stats)
+        for item, scored in zip(batch, result.scored, strict=True):
+            for letter in scored.dead:
+                if self._sinks > 1:  # the dead reading will not be archived
+                    self._events.put(("release", [letter.coordinate], item.generation))
+                self._send_dead_letter(letter, item.generation)
+            decision = scored.decision
+            if decision is None:
+                continue
+            decision = with_latency(decision, (time.monotonic() - item.last_arrival) * 1000.0)
+            self._send(Outgoing("decision", self.topics.decisions, decision.unit_id.encode(), decision.to_json(),
+                                [("content-type", DECISION_CONTENT_TYPE)], decision.inputs, item.generation,
+                                (decision.decision,), item))
+            self.stats.decisions_sent += 1
+            log.debug("decided %s: %s (score %.4f, threshold %.4f) from %s", decision.unit_id, decision.decision,
+                      decision.score, decision.threshold, ", ".join(map(str, decision.inputs)),
+                      extra={"unit_id": decision.unit_id, "decision_id": decision.id})
+            if self._archive is not None:
+                dead = [m for m in item.joined.unit.present if m not in decision.present]
+                unit = item.joined.unit.without(*dead) if dead else item.joined.unit
+                inputs = {m: c for m, c in item.joined.inputs.items() if m in decision.present}
+                self._archive.put(ArchivedUnit(unit, inputs), (decision.inputs, item.generation))
+            if self._drift is not None:
+                for modality, value in scored.modality_scores.items():
+                    self._drift_add(modality, value)
+
+    def _drift_add(self, modality: str, value: float) -> None:
+        result = self._drift.add(modality, value)
+        if result is None:
+            return
+        self.metrics.drift_p.labels(modality).set(result.p_value)
+        self.metrics.drift_flag.labels(modality).set(1 if result.drift else 0)
+        level = logging.WARNING if result.drift else logging.INFO
+        log.log(level, "drift test %s: KS D=%.3f p=%.3g over %d scores vs %d reference%s", modality,
+                result.statistic, result.p_value, result.n_window, result.n_reference,
+                " - DRIFT" if result.drift else "")
+
+    def _maybe_reload(self) -> None:
+        cfg = self.config
+        if cfg.model.version is not None or cfg.model.reload_interval_s <= 0:
+            return
+        now = time.monotonic()
+        if now < self._next_reload:
+            return
+        self._next_reload = now + cfg.model.reload_interval_s
+        try:
+            entry = self._store.promoted()
+        except InspectionError as exc:
+            log.warning("cannot read the model store %s: %s", self._store.root, exc)
+            return
+        if entry is None or entry.version in (self._serving.version, self._failed_version):
+            return
+        old = self._serving.version
+        try:
+            serving = self._load_model(entry.version)
+        except InspectionError as exc:
+            self._failed_version = entry.version
+            self.metrics.reloads.labels("failed").inc()
+            log.error("not switching to promoted model %s (keeping %s): %s", entry.version, old, exc)
+            return
+        self._serving = serving
+        self._failed_version = None
+        self.stats.reloads += 1
+        self.metrics.reloads.labels("ok").inc()
+        if self._drift is not None:
+            self._drift.reset()
+        log.info("model hot-reloaded: %s -> %s (threshold version %s)", old, serving.version,
+                 serving.threshold_version)
+
+    # ----------------------------------------------------------------------------------------- shutdown
+    def _shutdown(self) -> None:
+        cfg = self.config
+        self._stop.set()
+        self._ready.clear()
+        self.metrics.ready.set(0)
+        deadline = time.monotonic() + cfg.shutdown_timeout_s
+        # no more polling from here on: nothing new is read
+        if self._consumer is not None and self._assignment and cfg.join.flush_on_shutdown:
+            for joined in self._joiner.flush():
+                self._enqueue(joined)
+        if self._scorer is not None:
+            with self._cv:
+                self._draining = True
+                self._cv.notify_all()
+            while time.monotonic() < deadline:
+                self._drain_events()
+                self._resend_due()
+                with self._cv:
+                    idle = not self._queue and not self._scoring and self._inflight == 0
+                if idle and not self._retries:
+                    break
+                time.sleep(0.02)
+            with self._cv:
+                self._scorer_stop = True
+                left = len(self._queue) + self._scoring
+                self._cv.notify_all()
+            self._scorer.join(max(0.1, deadline - time.monotonic()))
+            if left:
+                log.warning("shutdown timeout: %d units left unscored; they stay uncommitted", left)
+        if self._archive is not None:
+            self._archive.stop(max(1.0, deadline - time.monotonic()))
+            self._drain_events()
+        if self._consumer is not None:
+            self._commit()
+            try:
+                self._consumer.close(autocommit=False)
+            except (KafkaError, OSError) as exc:
+                log.warning("closing the consumer failed: %s", exc)
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=max(1.0, deadline - time.monotonic()))
+            except (KafkaError, OSError) as exc:
+                log.warning("closing the producer failed: %s", exc)
+        if self._ops is not None:
+            self._ops.stop()
+        log.info("stopped: %s", self.summary())
+
+    def summary(self) -> dict[str, Any]:
+        """The run's counters as JSON data."""
+        s = self.stats
+        return {
+            "instance": self.instance,
+            "records": s.records,
+            "readings": s.readings,
+            "decisions_acked": s.decisions_acked,
+            "dead_letters_acked": s.dead_letters_acked,
+            "late_readings": s.late,
+            "send_retries": s.retries,
+            "commits": s.commits,
+            "rebalances": s.rebalances,
+            "model_reloads": s.reloads,
+            "batches": s.batches,
+            "backpressure_pauses": s.pauses,
+            "max_queue_depth": s.max_queue_depth,
+            "model_versions": s.model_versions,
+        }
+
