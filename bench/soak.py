@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +35,7 @@ from stream import (  # noqa: E402  (bench/stream.py: the same broker, model and
     http_ok,
     proc_status,
     start_service,
+    stop_service,
 )
 
 from inspection.evaluation import current_commit, machine_description  # noqa: E402
@@ -137,16 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             peak_rss = proc_status(service.pid, "VmHWM")
         finally:
             stop_sampling.set()
-            if service.poll() is None:
-                service.send_signal(signal.SIGTERM)
-                try:
-                    service.wait(120)
-                except subprocess.TimeoutExpired:
-                    service.kill()
-                    service.wait()
+            service_summary = stop_service(service, workdir)
             reader.close()
-        lines = (workdir / "service.out").read_text().strip().splitlines()
-        service_summary = json.loads(lines[-1]) if lines else {}
     decided = set(reader.first_ts) & set(sent_at)
     latency = np.array([reader.first_ts[u] / 1000.0 - sent_at[u] for u in decided]) * 1000.0
     depths = [s["queue_depth"] for s in samples if s["queue_depth"] == s["queue_depth"]]

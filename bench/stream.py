@@ -181,6 +181,19 @@ def start_service(config: dict, bootstrap: str, workdir: Path, port: int) -> sub
                             cwd=ROOT, env=env)
 
 
+def stop_service(service: subprocess.Popen, workdir: Path) -> dict:
+    """SIGTERM (the service drains and commits), SIGKILL after 120 s; returns the summary it printed last."""
+    if service.poll() is None:
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(120)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()
+    lines = (workdir / "service.out").read_text().strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
 def free_port() -> int:
     import socket
 
@@ -271,16 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             peak_rss = proc_status(service.pid, "VmHWM")
             rss_end = proc_status(service.pid, "VmRSS")
         finally:
-            if service.poll() is None:
-                service.send_signal(signal.SIGTERM)
-                try:
-                    service.wait(120)
-                except subprocess.TimeoutExpired:
-                    service.kill()
-                    service.wait()
+            service_summary = stop_service(service, workdir)
             reader.close()
-        summary_line = (workdir / "service.out").read_text().strip().splitlines()
-        service_summary = json.loads(summary_line[-1]) if summary_line else {}
         decided = len(reader.first_ts)
         duplicates = reader.records - decided
     result = {
