@@ -303,6 +303,42 @@ def plan(indices: Tensor, n_experts: int) -> RoutingPlan:
 
 
 # --------------------------------------------------------------------------------------------- experts
+def check_expert_ffn_args(x: object, routing: object, w_gate: object, w_up: object, w_down: object) -> None:
+    """Check the arguments of an expert computation (:data:`ExpertFFN`): types, ranks and sizes.
+
+    Shared by :func:`expert_ffn_reference` and the fused kernels' launcher (:mod:`kernels.moe`).
+
+    Raises:
+        TypeError: ``routing`` is not a :class:`Routing`, or a tensor is missing or not floating point.
+        ValueError: a rank or a size does not agree.
+    """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a fusion.moe.Routing; got {type(routing).__name__}")
+    for name, value, shape in (("x", x, "[T, D]"), ("w_gate", w_gate, "[E, D, H]"), ("w_up", w_up, "[E, D, H]"),
+                               ("w_down", w_down, "[E, H, D]")):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a {shape} torch.Tensor; got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point {shape} tensor; got dtype {value.dtype}")
+        if value.dim() != shape.count(",") + 1:
+            raise ValueError(f"{name} must be {shape}; got shape {tuple(value.shape)}")
+    n_tokens, dim = x.shape
+    n_experts, _, hidden = w_gate.shape
+    if tuple(w_gate.shape) != (n_experts, dim, hidden) or tuple(w_up.shape) != (n_experts, dim, hidden):
+        raise ValueError(
+            f"w_gate and w_up must be [E, D, H] with D={dim} (x's width); got {tuple(w_gate.shape)} and "
+            f"{tuple(w_up.shape)}"
+        )
+    if tuple(w_down.shape) != (n_experts, hidden, dim):
+        raise ValueError(f"w_down must be [E, H, D] = {(n_experts, hidden, dim)}; got {tuple(w_down.shape)}")
+    if routing.indices.shape[0] != n_tokens:
+        raise ValueError(f"routing covers {routing.indices.shape[0]} tokens but x has T={n_tokens}")
+    if routing.n_experts != n_experts:
+        raise ValueError(
+            f"routing scores cover E={routing.n_experts} experts but the weights have E={n_experts}"
+        )
+
+
 def expert_ffn_reference(
     x: Tensor, routing: Routing, w_gate: Tensor, w_up: Tensor, w_down: Tensor
 ) -> Tensor:
@@ -327,27 +363,9 @@ def expert_ffn_reference(
         TypeError: a tensor is not floating point or ``routing`` is not a :class:`Routing`.
         ValueError: the shapes do not agree.
     """
-    _check_float_tensor("x", x, 2)
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a Routing; got {type(routing).__name__}")
-    _check_float_tensor("w_gate", w_gate, 3)
-    _check_float_tensor("w_up", w_up, 3)
-    _check_float_tensor("w_down", w_down, 3)
+    check_expert_ffn_args(x, routing, w_gate, w_up, w_down)
     n_tokens, dim = x.shape
-    n_experts, _, hidden = w_gate.shape
-    if tuple(w_gate.shape) != (n_experts, dim, hidden) or tuple(w_up.shape) != (n_experts, dim, hidden):
-        raise ValueError(
-            f"w_gate and w_up must be [E, D, H] with D={dim} (x's width); got {tuple(w_gate.shape)} and "
-            f"{tuple(w_up.shape)}"
-        )
-    if tuple(w_down.shape) != (n_experts, hidden, dim):
-        raise ValueError(f"w_down must be [E, H, D] = {(n_experts, hidden, dim)}; got {tuple(w_down.shape)}")
-    if routing.indices.shape[0] != n_tokens:
-        raise ValueError(f"routing covers {routing.indices.shape[0]} tokens but x has T={n_tokens}")
-    if routing.n_experts != n_experts:
-        raise ValueError(
-            f"routing scores cover E={routing.n_experts} experts but the weights have E={n_experts}"
-        )
+    n_experts = w_gate.shape[0]
 
     compute = torch.promote_types(x.dtype, torch.float32)
     xc = x.to(compute)  # [T, D]

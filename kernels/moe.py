@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusion.moe import Routing
+from fusion.moe import Routing, check_expert_ffn_args
 from kernels._launch import INTERPRET_ENV, block_size, use_triton
 from kernels.routing import (
     MAX_EXPERTS,
@@ -74,35 +74,6 @@ MOE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloa
 
 
 # ============================================================================================ reference
-def _check_ffn_shapes(x: object, routing: object, w_gate: object, w_up: object, w_down: object) -> None:
-    """Types, ranks and sizes shared by the reference and the launcher."""
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a fusion.moe.Routing; got {type(routing).__name__}")
-    for name, value, shape in (("x", x, "[T, D]"), ("w_gate", w_gate, "[E, D, H]"), ("w_up", w_up, "[E, D, H]"),
-                               ("w_down", w_down, "[E, H, D]")):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a {shape} torch.Tensor; got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point {shape} tensor; got dtype {value.dtype}")
-        if value.dim() != shape.count(",") + 1:
-            raise ValueError(f"{name} must be {shape}; got shape {tuple(value.shape)}")
-    n_tokens, dim = x.shape
-    n_experts, _, hidden = w_gate.shape
-    if tuple(w_gate.shape) != (n_experts, dim, hidden) or tuple(w_up.shape) != (n_experts, dim, hidden):
-        raise ValueError(
-            f"w_gate and w_up must be [E, D, H] with D={dim} (x's width); got {tuple(w_gate.shape)} and "
-            f"{tuple(w_up.shape)}"
-        )
-    if tuple(w_down.shape) != (n_experts, hidden, dim):
-        raise ValueError(f"w_down must be [E, H, D] = {(n_experts, hidden, dim)}; got {tuple(w_down.shape)}")
-    if routing.indices.shape[0] != n_tokens:
-        raise ValueError(f"routing covers {routing.indices.shape[0]} tokens but x has T={n_tokens}")
-    if routing.n_experts != n_experts:
-        raise ValueError(
-            f"routing scores cover E={routing.n_experts} experts but the weights have E={n_experts}"
-        )
-
-
 def expert_ffn_reference(
     x: Tensor,
     routing: Routing,
@@ -134,7 +105,7 @@ def expert_ffn_reference(
         TypeError: a tensor is not floating point or ``routing`` is not a :class:`fusion.moe.Routing`.
         ValueError: the shapes do not agree or an expert index is out of range.
     """
-    _check_ffn_shapes(x, routing, w_gate, w_up, w_down)
+    check_expert_ffn_args(x, routing, w_gate, w_up, w_down)
     n_tokens, dim = x.shape
     n_experts = w_gate.shape[0]
     compute = compute_dtype or torch.promote_types(x.dtype, torch.float32)
@@ -680,7 +651,7 @@ class _ExpertFFNFunction(torch.autograd.Function):
 
 def _check_launch_args(x: Tensor, routing: Routing, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> None:
     """What the kernels need beyond the shared shape checks: dtypes, devices, contiguity, sizes."""
-    _check_ffn_shapes(x, routing, w_gate, w_up, w_down)
+    check_expert_ffn_args(x, routing, w_gate, w_up, w_down)
     if x.dtype not in MOE_DTYPES:
         raise TypeError(
             f"x must have a dtype in {MOE_DTYPES} on the Triton path; got {x.dtype} "
@@ -784,7 +755,7 @@ def expert_ffn(x: Tensor, routing: Routing, w_gate: Tensor, w_up: Tensor, w_down
             :data:`kernels.routing.MAX_EXPERTS`).
     """
     if isinstance(x, Tensor) and use_triton(x):
-        _check_ffn_shapes(x, routing, w_gate, w_up, w_down)
+        check_expert_ffn_args(x, routing, w_gate, w_up, w_down)
         dtype = compute_dtype(x, w_gate, w_up, w_down)
         cast = [t.to(dtype).contiguous() for t in (x, w_gate, w_up, w_down)]
         return _expert_ffn_triton(cast[0], routing, *cast[1:], out_dtype=x.dtype)
