@@ -32,7 +32,6 @@ from stream import (  # noqa: E402  (bench/stream.py: the same broker, model and
     DecisionReader,
     benchmark_model_store,
     free_port,
-    http_ok,
     proc_status,
     start_service,
     stop_service,
@@ -96,14 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         reader = DecisionReader(broker.bootstrap, topics.decisions)
         port = free_port()
-        service = start_service(config, broker.bootstrap, workdir, port)
+        service = start_service(config, broker.bootstrap, workdir, port, ready_timeout_s=300)
         stop_sampling = threading.Event()
         try:
-            deadline = time.monotonic() + 300
-            while not http_ok(f"http://127.0.0.1:{port}/readyz"):
-                if service.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the service did not start:\n{(workdir / 'service.log').read_text()[-3000:]}")
-                time.sleep(0.2)
             t0 = time.monotonic()
 
             def sample() -> None:

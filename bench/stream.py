@@ -171,14 +171,23 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def start_service(config: dict, bootstrap: str, workdir: Path, port: int) -> subprocess.Popen:
+def start_service(config: dict, bootstrap: str, workdir: Path, port: int,
+                  ready_timeout_s: float = 180.0) -> subprocess.Popen:
+    """``inspection serve`` as a child process; returns once its ``/readyz`` answers (raises if it dies first)."""
     path = workdir / "service.json"
     path.write_text(json.dumps(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--bootstrap", bootstrap, "--config",
-                             str(path), "--metrics-port", str(port), "--instance-id", "bench"],
-                            stdout=open(workdir / "service.out", "wb"), stderr=open(workdir / "service.log", "wb"),
-                            cwd=ROOT, env=env)
+    with open(workdir / "service.out", "wb") as out, open(workdir / "service.log", "wb") as err:
+        service = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--bootstrap", bootstrap,
+                                    "--config", str(path), "--metrics-port", str(port), "--instance-id", "bench"],
+                                   stdout=out, stderr=err, cwd=ROOT, env=env)
+    deadline = time.monotonic() + ready_timeout_s
+    while not http_ok(f"http://127.0.0.1:{port}/readyz"):
+        if service.poll() is not None or time.monotonic() > deadline:
+            stop_service(service, workdir)
+            raise RuntimeError(f"the service did not start:\n{(workdir / 'service.log').read_text()[-3000:]}")
+        time.sleep(0.1)
+    return service
 
 
 def stop_service(service: subprocess.Popen, workdir: Path) -> dict:
@@ -257,11 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         service = start_service(config, broker.bootstrap, workdir, port)
         try:
-            deadline = time.monotonic() + 180
-            while not http_ok(f"http://127.0.0.1:{port}/readyz"):
-                if service.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the service did not start:\n{(workdir / 'service.log').read_text()[-3000:]}")
-                time.sleep(0.1)
             t0 = time.monotonic()
             rss_start = proc_status(service.pid, "VmRSS")
             t1 = reader.wait({u.unit_id for u in backlog}, timeout_s=3600)

@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -38,6 +34,7 @@ import torch.nn.functional as F
 import triton
 
 from kernels.attention import attention, attention_reference, coalition_attention
+from kernels.bench import geomean, run_info
 
 #: (B, H, Q, N, Dh): the bridge's range of units, queries, tokens and head widths; K+V of every shape is at
 #: least 64 MiB (above the H100's 50 MB L2). N = 577 and 200 are not multiples of any key block.
@@ -257,30 +254,12 @@ def _coalition_row(shape, peaks) -> dict:
     return row
 
 
-def _geomean(values: list[float]) -> float | None:
-    values = [x for x in values if x and math.isfinite(x)]
-    return math.exp(sum(math.log(x) for x in values) / len(values)) if values else None
-
-
-def _commit() -> str:
-    if os.environ.get("INSPECTION_COMMIT"):
-        return os.environ["INSPECTION_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _summary(shapes: list[dict], coalitions: list[dict]) -> dict:
     def ratio(part: str, name: str) -> float | None:
-        return _geomean([r[part].get(name, {}).get("ratio_vs_ours") for r in shapes])
+        return geomean([r[part].get(name, {}).get("ratio_vs_ours") for r in shapes])
 
     def events(part: str, name: str) -> float | None:
-        return _geomean([r[part].get(name, {}).get("events_ratio_vs_ours") for r in shapes])
+        return geomean([r[part].get(name, {}).get("events_ratio_vs_ours") for r in shapes])
 
     summary = {
         "vs_sdpa": ratio("forward", "sdpa"),
@@ -294,9 +273,9 @@ def _summary(shapes: list[dict], coalitions: list[dict]) -> dict:
         "fwd_bwd_vs_sdpa_events": events("fwd_bwd", "sdpa"),
         "fwd_bwd_vs_flex_events": events("fwd_bwd", "flex"),
         # GPU time only (graph replays): the 8 separate calls' host launch cost is not counted in our favour
-        "coalitions_vs_separate": _geomean([c.get("graph_ratio_vs_separate") for c in coalitions]),
-        "coalitions_vs_separate_events": _geomean([c.get("ratio_vs_separate") for c in coalitions]),
-        "coalitions_vs_sdpa_separate": _geomean([c.get("graph_ratio_vs_sdpa_separate") for c in coalitions]),
+        "coalitions_vs_separate": geomean([c.get("graph_ratio_vs_separate") for c in coalitions]),
+        "coalitions_vs_separate_events": geomean([c.get("ratio_vs_separate") for c in coalitions]),
+        "coalitions_vs_sdpa_separate": geomean([c.get("graph_ratio_vs_sdpa_separate") for c in coalitions]),
         "targets": TARGETS,
         "goals": GOALS,
     }
@@ -330,13 +309,9 @@ def run(out_path: str, quick: bool = False) -> dict:
         dynamo.cache_size_limit = 64
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    info = run_info()
     result = {
-        "machine": torch.cuda.get_device_name(),
-        "commit": _commit(),
-        "command": " ".join(["python", *sys.orig_argv[1:]]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **info,
         "timing": "bf16. ratios and TFLOP/s: medians of CUDA-graph replays cycling over 3 input sets (GPU time, "
                   "no host launch cost, no L2 reuse between calls: K+V of each shape >= 64 MiB); beside them "
                   "(ms, *_events) triton.testing.do_bench medians (CUDA events, L2 flushed before each call, "
@@ -350,7 +325,7 @@ def run(out_path: str, quick: bool = False) -> dict:
     budget = float(os.environ.get(BUDGET_ENV, TIME_BUDGET_S))
 
     def save() -> None:
-        result["summary"] = _summary(result["shapes"], result["coalitions"])
+        result["summary"] = {**_summary(result["shapes"], result["coalitions"]), **info}
         out.write_text(json.dumps(result, indent=2))
 
     # forward and coalitions first (the targets), then fwd+bwd while the time budget lasts

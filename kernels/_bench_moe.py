@@ -32,18 +32,17 @@ ratio uses it) and each method's error against the float32 reference.
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import json
-import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from kernels.bench import geomean, run_info
 
 #: (T, D, H, E, K): the model's range (T = 1k-32k tokens, D = 256-1024, E = 16-64, K = 2-4) and the published
 #: DeepSeek-style record shape (E = 128, D = 2048, H = 768, K = 8, T = 32768).
@@ -60,16 +59,6 @@ QUICK_SHAPES = ((4096, 512, 512, 32, 2), (16384, 1024, 512, 32, 2))
 #: Shapes that enter the summary's geometric means: T >= this many tokens.
 SUMMARY_MIN_TOKENS = 8192
 BASELINES = ("naive", "grouped_mm", "grouped_mm_compiled", "liger", "dense")
-
-
-def _commit() -> str:
-    if os.environ.get("INSPECTION_COMMIT"):
-        return os.environ["INSPECTION_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _bench(fn: Callable[[], object], quick: bool) -> float:
@@ -299,11 +288,6 @@ def bench_fwd_bwd(shape: tuple[int, int, int, int, int], quick: bool, liger: Cal
     return row
 
 
-def _geomean(values: list[float]) -> float | None:
-    values = [v for v in values if v]
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
-
-
 def run(out_path: str, quick: bool = False) -> dict:
     """Benchmark every method on every shape and write the results as JSON.
 
@@ -346,15 +330,10 @@ def run(out_path: str, quick: bool = False) -> dict:
 
 def _result(rows: list[dict], training: list[dict], peak: float, liger_error: str | None) -> dict:
     big = [r for r in rows if r["T"] >= SUMMARY_MIN_TOKENS]
-    summary = {f"vs_{b}": _geomean([r["ratio_ours_vs"][b] for r in big]) for b in BASELINES}
-    summary["peak_mem_vs_grouped_mm"] = _geomean([r["memory_ours_vs_grouped_mm"] for r in big])
+    summary = {f"vs_{b}": geomean([r["ratio_ours_vs"][b] for r in big]) for b in BASELINES}
+    summary["peak_mem_vs_grouped_mm"] = geomean([r["memory_ours_vs_grouped_mm"] for r in big])
+    summary.update(run_info())
     summary.update(
-        machine=torch.cuda.get_device_name(),
-        commit=_commit(),
-        command=" ".join(getattr(sys, "orig_argv", sys.argv)),
-        date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        torch=torch.__version__,
-        triton=__import__("triton").__version__,
         summary_shapes=f"T >= {SUMMARY_MIN_TOKENS}",
         timing="forward, bf16, triton.testing.do_bench median (CUDA events, L2 flushed before each call); "
                "ratio = baseline_ms / ours_ms",

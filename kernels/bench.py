@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 #: op name -> (module, result file name)
@@ -22,6 +26,43 @@ OPS: dict[str, tuple[str, str]] = {
     "moe": ("kernels._bench_moe", "kernels_moe.json"),
     "attention": ("kernels._bench_attention", "kernels_attention.json"),
 }
+
+
+def commit() -> str:
+    """``$INSPECTION_COMMIT`` when set, else the checkout's short commit (``+dirty`` with uncommitted changes)."""
+    if os.environ.get("INSPECTION_COMMIT"):
+        return os.environ["INSPECTION_COMMIT"]
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              timeout=10, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
+                               cwd=here).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_info() -> dict[str, str]:
+    """What every result file records about its run: ``machine``, ``commit``, ``command``, ``date``,
+    ``torch``, ``triton`` (needs a CUDA device)."""
+    import torch
+    import triton
+
+    return {
+        "machine": torch.cuda.get_device_name(),
+        "commit": commit(),
+        "command": " ".join(["python", *getattr(sys, "orig_argv", sys.argv)[1:]]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
+
+
+def geomean(values: list[float | None]) -> float | None:
+    """Geometric mean of the finite positive values (missing measurements are None); None when there are none."""
+    kept = [v for v in values if v and math.isfinite(v) and v > 0]
+    return math.exp(sum(math.log(v) for v in kept) / len(kept)) if kept else None
 
 
 def main(argv: list[str] | None = None) -> int:
