@@ -41,6 +41,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from kernels.bench import geomean, run_info
 
@@ -273,7 +274,7 @@ def bench_fwd_bwd(shape: tuple[int, int, int, int, int], quick: bool, liger: Cal
         step = functools.partial(lambda f: f().backward(grad), fn)
         try:
             step()
-            row["ms"][name] = float(__import__("triton").testing.do_bench(
+            row["ms"][name] = float(triton.testing.do_bench(
                 step, warmup=10 if quick else 25, rep=40 if quick else 100, grad_to_none=params,
                 return_mode="median"))
             for p in params:

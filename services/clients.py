@@ -366,6 +366,16 @@ def make_admin(bootstrap: str, **overrides: Any) -> KafkaAdminClient:
     return _construct(KafkaAdminClient, "an admin client", admin_config(bootstrap, **overrides), bootstrap)
 
 
+def delivery_confirmed(metadata: object) -> bool:
+    """Whether a producer acknowledgement proves the record is stored: it must carry an offset.
+
+    kafka-python reports a broker's ``DUPLICATE_SEQUENCE_NUMBER`` answer as success with offset -1; a broker
+    gave that answer across a restart for records it no longer held. Such a record must be sent again.
+    """
+    offset = getattr(metadata, "offset", -1)
+    return isinstance(offset, int) and offset >= 0
+
+
 def wait_for_assignment(consumer: KafkaConsumer, timeout_s: float) -> set[TopicPartition]:
     """Poll a subscribed consumer until the group has given it partitions, without losing records.
 

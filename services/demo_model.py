@@ -57,6 +57,7 @@ def ensure_demo_model(store_root: Path | str, *, seed: int = 0, train_units: int
         progress: show progress bars.
     """
     import numpy as np
+    import torch
 
     from inspection.calibration import calibrate
     from inspection.data.composite import CompositeBuilder, CompositeConfig
@@ -77,7 +78,7 @@ def ensure_demo_model(store_root: Path | str, *, seed: int = 0, train_units: int
     result = train_supervised(config, train, val, cfg, run_dir, progress=progress)
     model = result.model.cpu().eval()
     prepared = PreparedSet(model, val, config.class_names)
-    scores = predict(model, prepared, __import__("torch").device("cpu"))["score"]
+    scores = predict(model, prepared, torch.device("cpu"))["score"]
     labels = np.array([u.label.defect for u in val])
     model, cal = calibrate(model, scores, labels, [u.line_id for u in val], "max_f1")
     card = {

@@ -21,8 +21,13 @@ from inspection.codec import encode_reading
 from inspection.errors import BrokerError, ConfigError
 from inspection.records import MODALITIES, InputCoordinate, Unit
 from services.broker import TopicNames
+from services.clients import delivery_confirmed
 
 log = logging.getLogger(__name__)
+
+#: Sends of one reading before an acknowledgement without an offset (see
+#: :func:`services.clients.delivery_confirmed`) counts as a failure.
+_SEND_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,8 @@ def publish_units(
     on_unit: Callable[[Unit], None] | None = None,
     timeout_s: float = 60.0,
 ) -> PublishReport:
-    """Send every reading of every unit and wait until the broker acknowledged all of them.
+    """Send every reading of every unit and wait until the broker acknowledged all of them with an offset (a
+    reading acknowledged without one is sent again, up to three times in all).
 
     Args:
         producer: a ``kafka.KafkaProducer`` (see :func:`services.clients.make_producer`).
@@ -106,7 +112,7 @@ def publish_units(
         Counts per modality and each reading's coordinates, keyed by (unit_id, modality).
 
     Raises:
-        BrokerError: a send failed or was not acknowledged in time.
+        BrokerError: a send failed, was not acknowledged in time, or was never acknowledged with an offset.
     """
     if rate < 0:
         raise ConfigError(f"rate must be >= 0 units/s; got {rate}")
@@ -117,13 +123,19 @@ def publish_units(
     start = time.monotonic()
     seq = 0
 
-    def send(unit: Unit, modality: str) -> None:
+    sent_units: dict[str, Unit] = {}
+
+    def hand_over(unit: Unit, modality: str) -> None:
         msg = encode_reading(getattr(unit, modality))
         fut = producer.send(
             topics.for_modality(modality), key=msg.key, value=msg.value, headers=list(msg.headers),
             timestamp_ms=msg.timestamp_ms,
         )
         futures.append(((unit.unit_id, modality), fut))
+        sent_units[unit.unit_id] = unit
+
+    def send(unit: Unit, modality: str) -> None:
+        hand_over(unit, modality)
         report.sent[modality] += 1
 
     def flush_due(now: float) -> None:
@@ -160,10 +172,23 @@ def publish_units(
         if delayed:
             time.sleep(max(0.0, min(delayed[0][0] - now, 0.05)))
     try:
-        producer.flush(timeout=timeout_s)
-        for key, fut in futures:
-            md = fut.get(timeout=timeout_s)
-            report.coordinates[key] = InputCoordinate(md.topic, md.partition, md.offset)
+        for _ in range(_SEND_ROUNDS):
+            producer.flush(timeout=timeout_s)
+            pending, futures = futures, []
+            for (unit_id, modality), fut in pending:
+                md = fut.get(timeout=timeout_s)
+                if delivery_confirmed(md):
+                    report.coordinates[(unit_id, modality)] = InputCoordinate(md.topic, md.partition, md.offset)
+                else:  # acknowledged without an offset: no proof the broker holds it
+                    hand_over(sent_units[unit_id], modality)
+            if not futures:
+                break
+            log.warning("%d readings were acknowledged without an offset; sending them again", len(futures))
+        else:
+            raise BrokerError(f"{len(futures)} readings were still acknowledged without an offset after "
+                              f"{_SEND_ROUNDS} sends")
+    except BrokerError:
+        raise
     except Exception as exc:  # kafka-python raises its own KafkaError family and timeouts
         raise BrokerError(f"publishing failed after {report.messages} messages: {exc}") from exc
     report.seconds = time.monotonic() - start

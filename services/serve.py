@@ -57,7 +57,7 @@ from inspection.records import InputCoordinate
 from inspection.store import ModelStore
 from services import dlq as dlqmod
 from services.align import EventTimeAligner, OffsetTracker
-from services.clients import make_consumer, make_producer, validate_bootstrap
+from services.clients import delivery_confirmed, make_consumer, make_producer, validate_bootstrap
 from services.drift import DriftMonitor
 from services.join import JoinedUnit, LateReading, UnitJoiner
 from services.metrics import Heartbeat, OpsServer, ServiceMetrics
@@ -601,11 +601,7 @@ class StreamService:
                 return
             kind = event[0]
             if kind == "acked":
-                metadata = event[2]
-                if getattr(metadata, "offset", -1) < 0:
-                    # an acknowledgement without an offset (kafka-python reports a broker's
-                    # DUPLICATE_SEQUENCE_NUMBER answer as success with offset -1) proves nothing: the embedded
-                    # broker gave it across a restart for records it did not hold. Send the record again.
+                if not delivery_confirmed(event[2]):  # no offset: no proof the broker holds it; send again
                     self._failed(event[1], BrokerError("acknowledged without an offset"))
                 else:
                     self._acked(event[1])
