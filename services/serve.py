@@ -375,6 +375,7 @@ class StreamService:
                     log.warning("polling the input topics failed (%s: %s); retrying", type(exc).__name__, exc)
                     time.sleep(0.5)
             else:
+                self._keep_membership()
                 with self._cv:  # wait for the scorer to make room (or for the alignment to move on)
                     self._cv.wait(timeout=_POLL_MS / 1000.0)
             rewound = self._handle_rebalances()
@@ -413,10 +414,10 @@ class StreamService:
         hold more than ``join.buffer_records`` per owned input partition and are not waiting for a topic that
         fell behind (then only more input can unblock them; the wait is bounded by ``join.align_idle_ms``).
 
-        The service stops polling instead of pausing partitions: kafka-python 3.0's fetcher can leave
+        The service stops taking input instead of pausing partitions: kafka-python 3.0's fetcher can leave
         paused-then-resumed partitions parked and never fetch them again (measured against the embedded
-        broker), while the group membership is kept by the client's background thread (a poll at least every
-        ``max_poll_interval_ms``, 5 min, is all it needs).
+        broker). The group protocol only advances inside ``poll()``, so while input is stopped
+        :meth:`_keep_membership` still polls and puts back what it read.
         """
         if not self._assignment:
             return True
@@ -436,6 +437,22 @@ class StreamService:
         paused = self._paused_since is not None or aligned_full
         self.metrics.input_paused.set(1 if paused else 0)
         return not paused
+
+    def _keep_membership(self) -> None:
+        """Poll while input is stopped, so that a rebalance of the group (a member joining or leaving) completes
+        instead of waiting for this member: read at most one record and seek its partition back to it."""
+        try:
+            polled = self._consumer.poll(timeout_ms=0, max_records=1)
+        except KafkaError as exc:
+            log.warning("polling the input topics failed (%s: %s); retrying", type(exc).__name__, exc)
+            return
+        for tp, records in polled.items():
+            if not records:
+                continue
+            try:
+                self._consumer.seek(tp, records[0].offset)
+            except (AssertionError, ValueError, KafkaError) as exc:  # revoked meanwhile: its next owner reads it
+                log.debug("not putting back %s[%d]@%d: %s", tp.topic, tp.partition, records[0].offset, exc)
 
     # -------------------------------------------------------------------------------------- rebalances
     def _handle_rebalances(self) -> set[TopicPartition]:
