@@ -7,7 +7,9 @@ B units · H heads · Q fusion queries · N modality tokens · Dh head width · 
 mask as a boolean ``attn_mask`` (default backend choice, and forced onto the memory-efficient backend), and of
 ``torch.compile(flex_attention)`` with a block mask built from the key padding mask (built once, outside the
 timing); then forward + backward of the same four; then the 8 modality coalitions of every unit in one
-:func:`kernels.attention.coalition_attention` call against 8 separate :func:`kernels.attention.attention` calls.
+:func:`kernels.attention.group_coalition_attention` call (and, for comparison, one
+:func:`kernels.attention.coalition_attention` call with the same 8 masks key by key) against 8 separate
+:func:`kernels.attention.attention` calls and 8 SDPA calls.
 
 Timing: every method is timed twice. The ratios and TFLOP/s use medians of CUDA-graph replays
 (``triton.testing.do_bench_cudagraph``) that cycle over 3 input sets, so no call finds the previous one's K/V
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.attention import attention, attention_reference, coalition_attention
+from kernels.attention import attention, attention_reference, coalition_attention, group_coalition_attention
 from kernels.bench import geomean, run_info
 
 #: (B, H, Q, N, Dh): the bridge's range of units, queries, tokens and head widths; K+V of every shape is at
@@ -112,9 +114,15 @@ def _inputs(b: int, h: int, n_q: int, n: int, dh: int, seed: int = 0):
     return q, k, v, mask
 
 
-def _coalition_masks(b: int, n: int) -> torch.Tensor:
+def _coalition_subsets(b: int) -> torch.Tensor:
+    """``[B, 8, 3]`` bool: every subset of the 3 modalities (True = member), the empty one first."""
     present = torch.tensor([[(c >> m) & 1 for m in range(3)] for c in range(8)], device="cuda").bool()  # [8, 3]
-    return (~present[:, _modality_of(n).cuda()])[None].expand(b, -1, -1).contiguous()  # [B, 8, N]
+    return present[None].expand(b, -1, -1).contiguous()
+
+
+def _coalition_masks(b: int, n: int) -> torch.Tensor:
+    """``[B, 8, N]`` bool (True = hidden): the keys each subset of :func:`_coalition_subsets` hides."""
+    return ~_coalition_subsets(b)[:, :, _modality_of(n).cuda()]
 
 
 def _methods(q, k, v, mask) -> dict[str, Callable[..., torch.Tensor]]:
@@ -213,12 +221,18 @@ def _shape_row(shape, peaks, forward: bool, fwd_bwd: bool) -> dict:
 
 
 def _coalition_row(shape, peaks) -> dict:
-    """The 8 coalitions of every unit: one coalition_attention call against 8 attention calls."""
+    """The 8 modality coalitions of every unit: one group_coalition_attention call (ours) and one
+    coalition_attention call (the same 8 masks given key by key) against 8 attention calls and 8 SDPA calls."""
     b, h, n_q, n, dh = shape
     sets = [_inputs(b, h, n_q, n, dh, seed=10 + s)[:3] for s in range(ROTATION)]
     q, k, v = sets[0]
     masks = _coalition_masks(b, n)  # [B, 8, N]
+    groups = _modality_of(n).cuda()  # [N]
+    subsets = _coalition_subsets(b)  # [B, 8, 3]
     keeps = [(~masks[:, c])[:, None, None, :] for c in range(8)]
+
+    def groups_call(q, k, v):
+        return group_coalition_attention(q, k, v, groups, subsets)
 
     def one_call(q, k, v):
         return coalition_attention(q, k, v, masks)
@@ -229,14 +243,18 @@ def _coalition_row(shape, peaks) -> dict:
     def sdpa_separate(q, k, v):
         return [F.scaled_dot_product_attention(q, k, v, attn_mask=keeps[c]) for c in range(8)]
 
-    flops = 8 * 4 * b * h * n_q * n * dh
+    flops = 8 * 4 * b * h * n_q * n * dh  # the 8 masked attentions counted densely, as 8 calls would run them
     row: dict = {"B": b, "H": h, "Q": n_q, "N": n, "Dh": dh, "C": 8}
     with torch.no_grad():
-        fused = one_call(q, k, v)
-        row["max_abs_diff_vs_separate"] = max(float((fused[:, c].float() - o.float()).abs().max())
-                                              for c, o in enumerate(separate(q, k, v)))
-        del fused
-        for name, fn in (("one_call", one_call), ("separate", separate), ("sdpa_separate", sdpa_separate)):
+        apart = separate(q, k, v)
+        for name, fn in (("groups", groups_call), ("one_call", one_call)):
+            got = fn(q, k, v)
+            row[f"{name}_max_abs_diff_vs_separate"] = max(float((got[:, c].float() - o.float()).abs().max())
+                                                          for c, o in enumerate(apart))
+            del got
+        del apart
+        for name, fn in (("groups", groups_call), ("one_call", one_call), ("separate", separate),
+                         ("sdpa_separate", sdpa_separate)):
             try:
                 timed = {f"{name}_ms": _median_ms(lambda fn=fn: fn(q, k, v)),
                          f"{name}_graph_ms": _graph_ms(_rotating(fn, sets)),
@@ -244,13 +262,16 @@ def _coalition_row(shape, peaks) -> dict:
                 row.update(timed)
             except Exception as exc:
                 row[name] = _error(exc)
-    if "one_call_graph_ms" in row:
-        row["one_call_tflops"] = flops / row["one_call_graph_ms"] / 1e9
-        row["one_call_pct_peak"] = 100 * row["one_call_tflops"] / peaks["bf16_matmul_tflops"]
+    if "groups_graph_ms" in row:
+        row["groups_tflops"] = flops / row["groups_graph_ms"] / 1e9  # dense-equivalent rate
+        row["groups_pct_peak"] = 100 * row["groups_tflops"] / peaks["bf16_matmul_tflops"]
         for base in ("separate", "sdpa_separate"):
             if f"{base}_graph_ms" in row:
-                row[f"ratio_vs_{base}"] = row[f"{base}_ms"] / row["one_call_ms"]
-                row[f"graph_ratio_vs_{base}"] = row[f"{base}_graph_ms"] / row["one_call_graph_ms"]
+                row[f"ratio_vs_{base}"] = row[f"{base}_ms"] / row["groups_ms"]
+                row[f"graph_ratio_vs_{base}"] = row[f"{base}_graph_ms"] / row["groups_graph_ms"]
+    if "one_call_graph_ms" in row and "separate_graph_ms" in row:
+        row["masks_ratio_vs_separate"] = row["separate_ms"] / row["one_call_ms"]
+        row["masks_graph_ratio_vs_separate"] = row["separate_graph_ms"] / row["one_call_graph_ms"]
     return row
 
 
@@ -276,6 +297,8 @@ def _summary(shapes: list[dict], coalitions: list[dict]) -> dict:
         "coalitions_vs_separate": geomean([c.get("graph_ratio_vs_separate") for c in coalitions]),
         "coalitions_vs_separate_events": geomean([c.get("ratio_vs_separate") for c in coalitions]),
         "coalitions_vs_sdpa_separate": geomean([c.get("graph_ratio_vs_sdpa_separate") for c in coalitions]),
+        # the same 8 masks given key by key (coalition_attention), for comparison
+        "coalitions_masks_vs_separate": geomean([c.get("masks_graph_ratio_vs_separate") for c in coalitions]),
         "targets": TARGETS,
         "goals": GOALS,
     }
@@ -374,16 +397,19 @@ def format_table(result: dict) -> str:
                          f"{o[key]:.3f} ({o['tflops']:.0f}, {o['pct_peak']:.0f}%; {o['peak_mib']:.0f})".ljust(24) +
                          f" | {cells[0]:<9} | {cells[1]:<9} | {cells[2]:<9} | {ratios[0]:<7} {ratios[1]:<6} "
                          f"{ratios[2]}")
-    lines.append("\ncoalitions (8 masks), graph-replay ms: one call | 8 calls of ours | 8 SDPA calls (events ms)")
+    lines.append("\ncoalitions (8 subsets of 3 modalities), graph-replay ms: groups (ours) | masks | "
+                 "8 calls of ours | 8 SDPA calls (events ms)")
+    nan = float("nan")
     for c in result["coalitions"]:
         if "graph_ratio_vs_separate" not in c:
             lines.append(f"B{c['B']} Q{c['Q']} N{c['N']} Dh{c['Dh']}: failed {c}")
             continue
-        lines.append(f"B{c['B']} Q{c['Q']} N{c['N']} Dh{c['Dh']}: {c['one_call_graph_ms']:.3f} | "
+        lines.append(f"B{c['B']} Q{c['Q']} N{c['N']} Dh{c['Dh']}: {c['groups_graph_ms']:.3f} | "
+                     f"{c.get('one_call_graph_ms', nan):.3f} ({c.get('masks_graph_ratio_vs_separate', nan):.2f}x) | "
                      f"{c['separate_graph_ms']:.3f} ({c['graph_ratio_vs_separate']:.2f}x) | "
-                     f"{c.get('sdpa_separate_graph_ms', float('nan')):.3f} "
-                     f"({c.get('graph_ratio_vs_sdpa_separate', float('nan')):.2f}x)  "
-                     f"(events {c['one_call_ms']:.3f} vs {c['separate_ms']:.3f}, {c['ratio_vs_separate']:.2f}x)")
+                     f"{c.get('sdpa_separate_graph_ms', nan):.3f} "
+                     f"({c.get('graph_ratio_vs_sdpa_separate', nan):.2f}x)  "
+                     f"(events {c['groups_ms']:.3f} vs {c['separate_ms']:.3f}, {c['ratio_vs_separate']:.2f}x)")
     s = result.get("summary", {})
     lines.append("\nsummary: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items() if isinstance(v, float)))
     return "\n".join(lines)

@@ -158,6 +158,60 @@ def coalition_attention_reference(q: Tensor, k: Tensor, v: Tensor, masks: Tensor
     return torch.stack(outs, dim=1)  # [B, C, H, Q, Dh]
 
 
+def group_coalition_masks(key_groups: Tensor, coalitions: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    """The ``[B, C, N]`` key masks (True = hidden) that group coalitions stand for.
+
+    Key j is visible to coalition c of unit b when its group ``key_groups[j]`` is one of ``[0, G)``, is a member
+    of the coalition (``coalitions[b, c, key_groups[j]]``) and the key is not padding
+    (``key_padding_mask[b, j]`` is False). Keys whose group lies outside ``[0, G)`` are hidden from every
+    coalition.
+
+    Args:
+        key_groups: ``[N]`` integer, the group (modality) of each key.
+        coalitions: ``[B, C, G]`` bool, True where group g is a member of coalition c.
+        key_padding_mask: ``[B, N]`` bool, True where a key is padding, or None.
+
+    Returns:
+        ``[B, C, N]`` bool, the ``masks`` argument of :func:`coalition_attention` for the same coalitions.
+    """
+    n_groups = coalitions.shape[-1]
+    valid = (key_groups >= 0) & (key_groups < n_groups)  # [N]
+    member = coalitions[:, :, key_groups.clamp(0, max(n_groups - 1, 0)).long()]  # [B, C, N]
+    hidden = ~(member & valid[None, None, :])
+    if key_padding_mask is not None:
+        hidden = hidden | key_padding_mask[:, None, :]
+    return hidden
+
+
+def _check_group_args(q: object, k: object, v: object, key_groups: object, coalitions: object,
+                      key_padding_mask: object) -> None:
+    """Checks of :func:`group_coalition_attention` (on top of :func:`_check_attention_args`); no device sync."""
+    _check_attention_args(q, k, v, key_padding_mask, None)
+    b, _, n, _ = k.shape
+    if not isinstance(key_groups, Tensor) or key_groups.dim() != 1 or key_groups.shape[0] != n \
+            or key_groups.dtype.is_floating_point or key_groups.dtype in (torch.bool, torch.complex64,
+                                                                        torch.complex128):
+        raise ValueError(f"key_groups must be an [N] integer tensor with N={n} (the group of each key); got "
+                         f"{getattr(key_groups, 'dtype', type(key_groups).__name__)} "
+                         f"{tuple(getattr(key_groups, 'shape', ()))}")
+    if not isinstance(coalitions, Tensor) or coalitions.dtype != torch.bool or coalitions.dim() != 3 \
+            or coalitions.shape[0] != b or coalitions.shape[2] < 1:
+        raise ValueError(f"coalitions must be a [B, C, G] bool tensor with B={b} and G >= 1 (True = the group "
+                         f"is a member); got {getattr(coalitions, 'dtype', type(coalitions).__name__)} "
+                         f"{tuple(getattr(coalitions, 'shape', ()))}")
+    for name, t in (("key_groups", key_groups), ("coalitions", coalitions)):
+        if t.device != k.device:
+            raise ValueError(f"{name} must be on the keys' device {k.device}; got {t.device}")
+
+
+def group_coalition_attention_reference(q: Tensor, k: Tensor, v: Tensor, key_groups: Tensor, coalitions: Tensor,
+                                        key_padding_mask: Tensor | None = None) -> Tensor:
+    """:func:`coalition_attention_reference` under the masks of :func:`group_coalition_masks`: the specification
+    of :func:`group_coalition_attention`."""
+    _check_group_args(q, k, v, key_groups, coalitions, key_padding_mask)
+    return coalition_attention_reference(q, k, v, group_coalition_masks(key_groups, coalitions, key_padding_mask))
+
+
 # ============================================================================================== kernels
 @triton.jit
 def _ordered_key(s):
@@ -394,6 +448,98 @@ def _attention_bwd_kernel(
     tl.store(dq_ptr + dq_off[:, None] + d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_tile)
 
 
+@triton.jit
+def _group_coalition_kernel(
+    q_ptr, k_ptr, v_ptr, group_ptr, span_ptr, pad_ptr, member_ptr, part_ptr, plse_ptr, o_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pb, stride_mb, stride_mc,
+    stride_ob, stride_oc, stride_oh, stride_om,
+    n_heads, n_queries, head_dim, n_groups, n_coalitions, n_row_blocks, scale_log2,
+    HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (b, h), every group's attention once, then every coalition's.
+
+    Phase 1, per group g: online softmax over the keys of g only (the key range ``span[g]`` that holds them,
+    the keys of other groups and padding predicated off), the normalised partial output and its base-2
+    log-sum-exp written to this program's scratch. Phase 2, per coalition c: the partials of its member groups
+    merged by their log-sum-exp, ``Σ_g 2^(lse_g - M) o_g / Σ_g 2^(lse_g - M)``, which is the softmax over the
+    union of their keys; zero rows where no member group has a visible key.
+    """
+    pid = tl.program_id(0)
+    pid_m = pid % n_row_blocks
+    pid_bh = pid // n_row_blocks
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    r = tl.arange(0, BLOCK_M)  # [BM] row of the block
+    i = pid_m * BLOCK_M + r  # [BM] query of each row
+    row_ok = i < n_queries
+    d = tl.arange(0, BLOCK_D)  # [BD]
+    d_ok = d < head_dim
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qm + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    pad_base = pad_ptr + b * stride_pb
+    scratch = pid.to(tl.int64) * n_groups * BLOCK_M  # first scratch row of this program
+
+    for g in range(n_groups):
+        lo = tl.load(span_ptr + 2 * g)
+        hi = tl.load(span_ptr + 2 * g + 1)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)  # [BN]
+            col_vis = (cols < hi) & (tl.load(group_ptr + cols, mask=cols < hi, other=-1) == g)
+            if HAS_PAD:
+                col_vis = col_vis & (tl.load(pad_base + cols, mask=col_vis, other=1) == 0)
+            kt = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
+                         other=0.0)  # [BN, BD]
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)  # [BM, BN]
+            s = tl.where(col_vis[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])  # [BM, BN]
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
+                         other=0.0)  # [BN, BD]
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+            m_i = m_new
+        seen = l_i > 0.0
+        l_safe = tl.where(seen, l_i, 1.0)
+        row = scratch + g * BLOCK_M + r  # [BM]
+        tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], acc / l_safe[:, None])
+        tl.store(plse_ptr + row, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")))
+    tl.debug_barrier()  # the partials were written in the dot layout; phase 2 reads them in another
+
+    member_base = member_ptr + b * stride_mb
+    for c in range(n_coalitions):
+        run_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        den = tl.zeros([BLOCK_M], tl.float32)
+        num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for g in range(n_groups):
+            if tl.load(member_base + c * stride_mc + g) != 0:
+                row = scratch + g * BLOCK_M + r
+                lse_g = tl.load(plse_ptr + row)  # [BM], -inf where the group has no visible key
+                o_g = tl.load(part_ptr + row[:, None] * BLOCK_D + d[None, :])  # [BM, BD]
+                new_m = tl.maximum(run_m, lse_g)
+                safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+                alpha = tl.exp2(run_m - safe)
+                w = tl.exp2(lse_g - safe)
+                den = den * alpha + w
+                num = num * alpha[:, None] + w[:, None] * o_g
+                run_m = new_m
+        seen = den > 0.0
+        out = tl.where(seen[:, None], num / tl.where(seen, den, 1.0)[:, None], 0.0)
+        o_row = b * stride_ob + c * stride_oc + h * stride_oh + i * stride_om  # [BM]
+        tl.store(o_ptr + o_row[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
 # ============================================================================================ launchers
 def _check_kernel_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     """What the kernels need beyond the shared checks: dtype, head width, device, unit stride in Dh."""
@@ -525,6 +671,56 @@ def _coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, masks: Tensor, to
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [B, C, H, Q, Dh]
 
 
+def _group_coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, key_groups: Tensor, coalitions: Tensor,
+                                    key_padding_mask: Tensor | None) -> Tensor:
+    """Validate and launch :func:`_group_coalition_kernel`: ``[B, C, H, Q, Dh]`` in q's dtype.
+
+    The key range of each group (first and one-past-last key) is found on the device, so the launch needs no
+    host synchronisation and can be captured in a CUDA graph.
+    """
+    _check_group_args(q, k, v, key_groups, coalitions, key_padding_mask)
+    _check_kernel_inputs(q, k, v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("group_coalition_attention is forward only on the Triton path: expected inputs without "
+                         "grad; got requires_grad=True (call it under torch.no_grad(), or use attention() per "
+                         "coalition to differentiate)")
+    b, h, n, dh = k.shape
+    n_q = q.shape[2]
+    n_coalitions, n_groups = coalitions.shape[1], coalitions.shape[2]
+    out = torch.empty(b, n_coalitions, h, n_q, dh, dtype=q.dtype, device=q.device)  # [B, C, H, Q, Dh]
+    if out.numel() == 0:
+        return out
+    if n == 0:
+        return out.zero_()
+    groups = key_groups.to(torch.int32).contiguous()  # [N]
+    position = torch.arange(n, dtype=torch.int32, device=k.device)  # [N]
+    bucket = torch.where((groups >= 0) & (groups < n_groups), groups, n_groups).long()  # out-of-range keys: G
+    first = torch.full((n_groups + 1,), n, dtype=torch.int32, device=k.device).scatter_reduce(
+        0, bucket, position, "amin")  # [G + 1]
+    last = torch.zeros(n_groups + 1, dtype=torch.int32, device=k.device).scatter_reduce(
+        0, bucket, position + 1, "amax")  # [G + 1]
+    span = torch.stack([first[:n_groups], last[:n_groups]], dim=1).contiguous()  # [G, 2] key range of each group
+    member = coalitions.contiguous().view(torch.uint8)  # [B, C, G]
+    pad = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None  # [B, N]
+    cfg = _fwd_config(n_q, n, dh)
+    n_row_blocks = triton.cdiv(n_q, cfg["BLOCK_M"])
+    n_programs = n_row_blocks * b * h
+    part = torch.empty(n_programs * n_groups * cfg["BLOCK_M"], cfg["BLOCK_D"], dtype=torch.float32,
+                       device=q.device)  # per program: [G, BM, BD] normalised partial outputs
+    plse = torch.empty(n_programs * n_groups * cfg["BLOCK_M"], dtype=torch.float32, device=q.device)
+    _group_coalition_kernel[(n_programs,)](
+        q, k, v, groups, span, pad if pad is not None else groups, member, part, plse, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        pad.stride(0) if pad is not None else 0, member.stride(0), member.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        h, n_q, dh, n_groups, n_coalitions, n_row_blocks, _LOG2E / math.sqrt(dh),
+        HAS_PAD=pad is not None, PRECISION=_dot_precision(q.dtype), **cfg,
+    )
+    return out
+
+
 def _attention_backward_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor, grad_out: Tensor,
                                lse: Tensor, thr: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch :func:`_attention_bwd_kernel` on tensors saved by the forward; returns dq, dk, dv (input dtype).
@@ -645,3 +841,37 @@ def coalition_attention(q: Tensor, k: Tensor, v: Tensor, masks: Tensor, top_k: i
     if isinstance(q, Tensor) and use_triton(q):
         return _coalition_forward_triton(q, k, v, masks, top_k)
     return coalition_attention_reference(q, k, v, masks, top_k)
+
+
+def group_coalition_attention(q: Tensor, k: Tensor, v: Tensor, key_groups: Tensor, coalitions: Tensor,
+                              key_padding_mask: Tensor | None = None) -> Tensor:
+    """Attention of the same queries under C coalitions of key groups (modalities), each group attended once.
+
+    Equal to :func:`coalition_attention` with the masks of :func:`group_coalition_masks` (see
+    :func:`group_coalition_attention_reference`), but the Triton path computes the softmax attention over each
+    group's keys once per query (G partial outputs with their log-sum-exp) and forms every coalition by merging
+    the partials of its members: the work is one attention over the N keys plus ``C·G`` tiny merges, where C
+    separate calls (or :func:`coalition_attention`) attend over N keys C times. Keys of one group need not be
+    contiguous, but the kernel scans each group's range from its first to its last key, so contiguous groups
+    (the bridge's modality tokens) cost least. Forward only on the Triton path, no top-k (the top-k of a union
+    is not the union of the top-ks: use :func:`coalition_attention`).
+
+    Args:
+        q: ``[B, H, Q, Dh]`` queries, shared by every coalition.
+        k, v: ``[B, H, N, Dh]`` keys and values.
+        key_groups: ``[N]`` integer, the group of each key (e.g. the bridge's ``modality_index``); keys whose
+            group is outside ``[0, G)`` are hidden from every coalition.
+        coalitions: ``[B, C, G]`` bool, True where group g is a member of coalition c of unit b.
+        key_padding_mask: ``[B, N]`` bool, True where a key is padding (hidden from every coalition), or None.
+
+    Returns:
+        ``[B, C, H, Q, Dh]`` in q's dtype; coalitions with no visible key are zero.
+
+    Raises:
+        TypeError: a tensor has the wrong dtype.
+        ValueError: shapes or devices disagree, or (Triton path) an input requires grad, Dh >
+            :data:`MAX_HEAD_DIM` or a tensor is strided in its head dimension.
+    """
+    if isinstance(q, Tensor) and use_triton(q):
+        return _group_coalition_forward_triton(q, k, v, key_groups, coalitions, key_padding_mask)
+    return group_coalition_attention_reference(q, k, v, key_groups, coalitions, key_padding_mask)

@@ -17,7 +17,13 @@ import torch
 
 from fusion.bridge import BridgeConfig, FusionBridge
 from kernels._launch import FORCE_REFERENCE_ENV
-from kernels.attention import attention, attention_reference, coalition_attention
+from kernels.attention import (
+    attention,
+    attention_reference,
+    coalition_attention,
+    group_coalition_attention,
+    group_coalition_masks,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -111,10 +117,35 @@ def test_bf16_coalitions_equal_separate_calls() -> None:
     assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
 
 
+@pytest.mark.parametrize(("b", "n_q", "n", "dh"), [(16, 16, 577, 64), (8, 64, 1024, 128), (64, 16, 64, 32)])
+def test_bf16_group_coalitions_within_twice_torch_bf16_error(b, n_q, n, dh) -> None:
+    """Each coalition of 3 modalities (one absent in some units) against an fp32 reference of its mask, next to
+    torch's own bf16 attention under the same mask."""
+    q, k, v, _ = _inputs(b, 8, n_q, n, dh, seed=6)
+    groups = torch.tensor([0] * (n // 2) + [1] * (n // 3) + [2] * (n - n // 2 - n // 3), device="cuda")
+    padding = torch.zeros(b, n, dtype=torch.bool, device="cuda")
+    padding[::3] = groups == 1  # every third unit has no vibration tokens
+    coalitions = torch.tensor([[(c >> m) & 1 for m in range(3)] for c in range(8)], device="cuda").bool()
+    coalitions = coalitions[None].expand(b, -1, -1).contiguous()  # [B, 8, 3]
+    masks = group_coalition_masks(groups, coalitions, padding)  # [B, 8, N]
+    with torch.no_grad():
+        out = group_coalition_attention(q, k, v, groups, coalitions, padding)  # [B, 8, H, Q, Dh]
+        for c in range(1, 8):
+            want = attention_reference(q.float(), k.float(), v.float(), masks[:, c])
+            visible = (~masks[:, c]).any(dim=1)  # units that see some key under coalition c
+            baseline = _torch_bf16(q[visible], k[visible], v[visible], masks[visible, c], None)
+            err, torch_err = _rel(out[visible, c], want[visible]), _rel(baseline, want[visible])
+            assert err <= ERROR_FACTOR * torch_err, f"coalition {c}: {err:.2e} > {ERROR_FACTOR} x {torch_err:.2e}"
+            assert torch.equal(out[~visible, c], torch.zeros_like(out[~visible, c]))
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+
+
 def test_forward_backward_and_coalitions_replay_in_a_cuda_graph() -> None:
     """Nothing in the three paths synchronises with the host or copies from it, so they can be captured."""
     q, k, v, mask = _inputs(4, 2, 16, 100, 32, seed=9)
     masks = torch.stack([mask, ~mask, torch.zeros_like(mask)], dim=1)  # [B, 3, N]
+    groups = torch.arange(100, device="cuda") % 3  # [N] interleaved groups
+    subsets = torch.tensor([[True, False, True], [False, True, True]], device="cuda")[None].expand(4, -1, -1)
     grad = torch.randn_like(q)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
@@ -124,7 +155,8 @@ def test_forward_backward_and_coalitions_replay_in_a_cuda_graph() -> None:
         out = attention(*leaves, mask)
         out.backward(grad)
         with torch.no_grad():
-            return out.detach(), coalition_attention(q, k, v, masks)
+            return out.detach(), torch.cat([coalition_attention(q, k, v, masks),
+                                            group_coalition_attention(q, k, v, groups, subsets, mask)], dim=1)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -24,6 +24,9 @@ from kernels.attention import (
     attention_reference,
     coalition_attention,
     coalition_attention_reference,
+    group_coalition_attention,
+    group_coalition_attention_reference,
+    group_coalition_masks,
 )
 
 pytestmark = pytest.mark.interpret
@@ -343,6 +346,88 @@ def test_coalitions_are_forward_only() -> None:
         assert coalition_attention(q, k, v, _coalition_masks(1, 20)).shape == (1, 8, 1, 16, 16)
 
 
+# ---------------------------------------------------------------------------------------- group coalitions
+def _all_subsets(batch: int, n_groups: int) -> torch.Tensor:
+    """``[B, 2**G, G]`` bool: every subset of the groups (True = member), the empty one first."""
+    subsets = torch.tensor(list(itertools.product((False, True), repeat=n_groups)))  # [2**G, G]
+    return subsets[None].expand(batch, -1, -1).clone().to(DEVICE)
+
+
+def test_group_masks_spell_out_membership_padding_and_foreign_groups() -> None:
+    groups = torch.tensor([0, 0, 1, 2, 5, -1], device=DEVICE)  # keys 4 and 5 belong to no group of G = 3
+    coalitions = torch.tensor([[[True, False, True], [False, True, False]]], device=DEVICE)  # [1, 2, 3]
+    padding = torch.tensor([[False, True, False, False, False, False]], device=DEVICE)
+    masks = group_coalition_masks(groups, coalitions, padding)  # [1, 2, 6] True = hidden
+    assert masks.tolist() == [[[False, True, True, False, True, True], [True, True, False, True, True, True]]]
+
+
+@pytest.mark.parametrize(
+    ("b", "h", "n_q", "n", "dh", "dtype", "padded"),
+    [(2, 2, 16, 100, 32, torch.float32, False), (4, 1, 17, 131, 16, torch.float32, True),
+     (2, 2, 16, 150, 64, torch.float16, True), (1, 2, 70, 40, 24, torch.float32, False),
+     (2, 1, 5, 200, 128, torch.float16, False)],
+    ids=["modalities", "two-row-blocks-odd-n-padded", "fp16-padded", "q-above-one-block", "dh128-fp16"],
+)
+def test_group_coalitions_equal_separate_calls(b, h, n_q, n, dh, dtype, padded) -> None:
+    """All 8 subsets of 3 contiguous modalities (as the bridge lays out its tokens), with and without padding."""
+    q, k, v, _ = _inputs(b, h, n_q, n, dh, dtype, None, "none", seed=21)
+    groups = _modality_of(n).to(DEVICE)
+    padding = _modality_mask(b, n).to(DEVICE) if padded else None  # whole modalities absent in some units
+    coalitions = _all_subsets(b, 3)  # [B, 8, 3]
+    with torch.no_grad():
+        out = group_coalition_attention(q, k, v, groups, coalitions, padding)
+    assert out.shape == (b, 8, h, n_q, dh) and out.dtype == dtype  # [B, C, H, Q, Dh]
+    masks = group_coalition_masks(groups, coalitions, padding)  # [B, 8, N]
+    for c in range(8):
+        torch.testing.assert_close(out[:, c], attention(q, k, v, masks[:, c]), **_tol(dtype))
+    torch.testing.assert_close(out, group_coalition_attention_reference(q, k, v, groups, coalitions, padding),
+                               **_tol(dtype))
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))  # the empty coalition is zero
+
+
+def test_group_coalitions_with_scattered_foreign_and_empty_groups() -> None:
+    """Groups interleaved key by key, keys of no group, a group with no key, random coalitions per unit."""
+    b, h, n_q, n, dh = 3, 2, 16, 90, 32
+    q, k, v, _ = _inputs(b, h, n_q, n, dh, torch.float32, None, "none", seed=22)
+    gen = torch.Generator().manual_seed(22)
+    groups = torch.randint(-1, 4, (n,), generator=gen)  # -1: no group; G = 5, so group 4 has no key
+    groups[groups == 3] = 7  # and keys of group 7 >= G belong to none either
+    coalitions = torch.rand(b, 6, 5, generator=gen) < 0.5  # [B, 6, 5]
+    coalitions[:, 0] = True  # every group, the foreign keys still hidden
+    padding = torch.rand(b, n, generator=gen) < 0.2
+    groups, coalitions, padding = groups.to(DEVICE), coalitions.to(DEVICE), padding.to(DEVICE)
+    out = group_coalition_attention(q, k, v, groups.to(torch.int32), coalitions, padding)
+    want = coalition_attention_reference(q, k, v, group_coalition_masks(groups, coalitions, padding))
+    torch.testing.assert_close(out, want, **_tol(torch.float32))
+
+
+def test_group_coalitions_of_a_unit_with_every_key_padded_are_zero() -> None:
+    q, k, v, _ = _inputs(2, 1, 16, 48, 16, torch.float32, None, "none", seed=23)
+    groups = _modality_of(48).to(DEVICE)
+    padding = torch.zeros(2, 48, dtype=torch.bool, device=DEVICE)
+    padding[1] = True
+    out = group_coalition_attention(q, k, v, groups, _all_subsets(2, 3), padding)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert out[0, 1:].abs().sum(dim=(-1, -2, -3)).gt(0).all()  # unit 0: every non-empty coalition sees keys
+
+
+def test_group_coalitions_are_forward_only_and_check_their_inputs() -> None:
+    q, k, v, _ = _inputs(2, 2, 4, 8, 16, torch.float32, None, "none")
+    groups, coalitions = _modality_of(8).to(DEVICE), _all_subsets(2, 3)
+    with pytest.raises(ValueError, match="forward only on the Triton path"):
+        group_coalition_attention(q.clone().requires_grad_(), k, v, groups, coalitions)
+    with pytest.raises(ValueError, match=r"key_groups must be an \[N\] integer tensor with N=8"):
+        group_coalition_attention(q, k, v, groups[:5], coalitions)
+    with pytest.raises(ValueError, match=r"key_groups must be .* got torch.float32"):
+        group_coalition_attention(q, k, v, groups.float(), coalitions)
+    with pytest.raises(ValueError, match=r"coalitions must be a \[B, C, G\] bool tensor with B=2"):
+        group_coalition_attention(q, k, v, groups, coalitions[:1])
+    with pytest.raises(ValueError, match=r"coalitions must be .* got torch.int64"):
+        group_coalition_attention(q, k, v, groups, coalitions.long())
+    with pytest.raises(ValueError, match=r"expected q \[B, H, Q, Dh\]"):
+        group_coalition_attention(q[:, None].expand(-1, 8, -1, -1, -1), k, v, groups, coalitions)
+
+
 # ---------------------------------------------------------------------------------------------- the bridge
 def test_bridge_defaults_to_the_kernel_and_matches_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
@@ -376,6 +461,9 @@ def test_force_reference_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(attention(q, k, v, mask, 3), attention_reference(q, k, v, mask, 3))
     masks = _coalition_masks(2, 40)
     assert torch.equal(coalition_attention(q, k, v, masks), coalition_attention_reference(q, k, v, masks))
+    groups, subsets = _modality_of(40).to(DEVICE), _all_subsets(2, 3)
+    assert torch.equal(group_coalition_attention(q, k, v, groups, subsets, mask),
+                       group_coalition_attention_reference(q, k, v, groups, subsets, mask))
     # only the reference takes what the kernel refuses: float64, Dh above MAX_HEAD_DIM, grad through coalitions
     assert attention(q.double(), k.double(), v.double(), mask).dtype == torch.float64
     wide = torch.zeros(1, 1, 4, MAX_HEAD_DIM + 8, device=DEVICE)
