@@ -16,7 +16,13 @@ key gets a zero output and zero gradients. Two public ops, in the house's four p
   each K/V tile a program loads (64 rows a program; the programs of one ``(b, h)`` are launched side by side and
   share its tiles through L2), so K and V come from device memory about once per ``(b, h)`` instead of C times.
 
-Both run one forward kernel, :func:`_attention_fwd_kernel`, whose rows are (coalition, query) pairs; plain
+* :func:`group_coalition_attention` - ``[B, C, H, Q, Dh]``, forward only: the same for coalitions of key groups
+  (modalities), given as group membership instead of key masks. Attention over a union of key sets is the
+  log-sum-exp-weighted mean of the attentions over each set, so each group is attended once (one pass over the
+  keys, the scores of a tile computed once, up to 4 groups' running outputs in registers) and every coalition
+  is a merge of its members' partial outputs: the work of one attention over N keys instead of C.
+
+The first two run one forward kernel, :func:`_attention_fwd_kernel`, whose rows are (coalition, query) pairs; plain
 attention is the case ``C = 1``. Keys a row cannot see are never loaded (their K/V rows are predicated off), so an
 absent modality costs no memory traffic.
 
@@ -56,6 +62,10 @@ _FWD_MAX_BLOCK_M = 64
 _MAX_COALITIONS_PER_LAUNCH = 30
 #: Queries of one backward program. With Q above it, several programs add into dK and dV with atomics.
 _BWD_MAX_BLOCK_M = 64
+#: Groups whose partial outputs the group-coalition kernel holds in registers; more go through a scratch buffer.
+_MAX_REGISTER_GROUPS = 4
+#: float32 elements of those partials per program (G x query block x head width), at most.
+_GROUP_REGISTER_FLOATS = 32768
 #: log2(e): the kernels use exp2 on scores pre-scaled by it.
 _LOG2E = 1.4426950408889634
 
@@ -449,7 +459,179 @@ def _attention_bwd_kernel(
 
 
 @triton.jit
+def _group_partial(q, k_base, v_base, pad_base, group_ptr, span_ptr, g, stride_kn, stride_vn, d, d_ok,
+                   scale_log2, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of the rows ``q`` over the keys of group g only: the keys of the range ``span[g]`` (first
+    key, one past the last) whose group is g and which are not padding. Returns the normalised output [BM, BD]
+    float32 (zero where no key is visible) and its base-2 log-sum-exp [BM] (-inf where no key is visible)."""
+    lo = tl.load(span_ptr + 2 * g)
+    hi = tl.load(span_ptr + 2 * g + 1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)  # [BN]
+        col_vis = (cols < hi) & (tl.load(group_ptr + cols, mask=cols < hi, other=-1) == g)
+        if HAS_PAD:
+            col_vis = col_vis & (tl.load(pad_base + cols, mask=col_vis, other=1) == 0)
+        kt = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
+                     other=0.0)  # [BN, BD]
+        vt = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
+                     other=0.0)  # [BN, BD]
+        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale_log2  # [BM, BN]
+        m_i, l_i, acc = _group_update(s, vt, col_vis, m_i, l_i, acc, PRECISION)
+    return _group_result(m_i, l_i, acc)
+
+
+@triton.jit
+def _group_update(s, vt, in_g, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One key tile's online-softmax step for the keys ``in_g`` [BN] of one group: scaled scores ``s`` [BM, BN],
+    values ``vt`` [BN, BD]; returns the group's new running max, sum and accumulator."""
+    s = tl.where(in_g[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])  # [BM, BN], 0 off the group
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _group_result(m_i, l_i, acc):
+    """A group's normalised output [BM, BD] (zero without a visible key) and base-2 log-sum-exp [BM] (-inf)."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
+
+
+@triton.jit
+def _group_weight(lse_g, member, top):
+    """Weight ``2^(lse_g - top)`` of a member group's partial in a coalition (0 for a non-member)."""
+    return tl.where(member, tl.exp2(lse_g - top), 0.0)
+
+
+@triton.jit
 def _group_coalition_kernel(
+    q_ptr, k_ptr, v_ptr, group_ptr, pad_ptr, member_ptr, o_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pb, stride_mb, stride_mc,
+    stride_ob, stride_oc, stride_oh, stride_om,
+    n_heads, n_queries, n_keys, head_dim, n_coalitions, n_row_blocks, scale_log2,
+    N_GROUPS: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (b, h), up to 4 groups' attention in one pass, then every coalition.
+
+    Phase 1, one pass over the key tiles: each tile's scores are computed once, and each group with a visible
+    key in the tile takes its online-softmax step (running max, sum and output of every group in registers).
+    Phase 2, per coalition c: ``Σ_g w_g o_g / Σ_g w_g`` over its member groups, with ``o_g`` the group's
+    normalised output and ``w_g = 2^(lse_g - max lse)``: the softmax over the union of their keys; zero rows
+    where no member group has a visible key.
+    """
+    pid = tl.program_id(0)
+    pid_m = pid % n_row_blocks
+    pid_bh = pid // n_row_blocks
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] query of each row
+    row_ok = i < n_queries
+    d = tl.arange(0, BLOCK_D)  # [BD]
+    d_ok = d < head_dim
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qm + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    pad_base = pad_ptr + b * stride_pb
+
+    m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l0 = tl.zeros([BLOCK_M], tl.float32)
+    a0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m1, l1, a1 = m0, l0, a0
+    m2, l2, a2 = m0, l0, a0
+    m3, l3, a3 = m0, l0, a0
+    for start in range(0, n_keys, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)  # [BN]
+        grp = tl.load(group_ptr + cols, mask=cols < n_keys, other=-1)  # [BN], -1 past the end
+        col_vis = (grp >= 0) & (grp < N_GROUPS)
+        if HAS_PAD:
+            col_vis = col_vis & (tl.load(pad_base + cols, mask=col_vis, other=1) == 0)
+        if tl.max(col_vis.to(tl.int32), axis=0) > 0:
+            kt = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
+                         other=0.0)  # [BN, BD]
+            vt = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
+                         other=0.0)  # [BN, BD]
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale_log2  # [BM, BN]
+            in_g = col_vis & (grp == 0)
+            if tl.max(in_g.to(tl.int32), axis=0) > 0:
+                m0, l0, a0 = _group_update(s, vt, in_g, m0, l0, a0, PRECISION)
+            if N_GROUPS > 1:
+                in_g = col_vis & (grp == 1)
+                if tl.max(in_g.to(tl.int32), axis=0) > 0:
+                    m1, l1, a1 = _group_update(s, vt, in_g, m1, l1, a1, PRECISION)
+            if N_GROUPS > 2:
+                in_g = col_vis & (grp == 2)
+                if tl.max(in_g.to(tl.int32), axis=0) > 0:
+                    m2, l2, a2 = _group_update(s, vt, in_g, m2, l2, a2, PRECISION)
+            if N_GROUPS > 3:
+                in_g = col_vis & (grp == 3)
+                if tl.max(in_g.to(tl.int32), axis=0) > 0:
+                    m3, l3, a3 = _group_update(s, vt, in_g, m3, l3, a3, PRECISION)
+    o0, lse0 = _group_result(m0, l0, a0)
+    o1, lse1 = o0, lse0
+    o2, lse2 = o0, lse0
+    o3, lse3 = o0, lse0
+    if N_GROUPS > 1:
+        o1, lse1 = _group_result(m1, l1, a1)
+    if N_GROUPS > 2:
+        o2, lse2 = _group_result(m2, l2, a2)
+    if N_GROUPS > 3:
+        o3, lse3 = _group_result(m3, l3, a3)
+
+    member_base = member_ptr + b * stride_mb
+    o_row = b * stride_ob + h * stride_oh + i * stride_om  # [BM]
+    for c in range(n_coalitions):
+        in0 = tl.load(member_base + c * stride_mc) != 0
+        top = tl.where(in0, lse0, float("-inf"))  # [BM] largest member log-sum-exp
+        in1 = in0
+        in2 = in0
+        in3 = in0
+        if N_GROUPS > 1:
+            in1 = tl.load(member_base + c * stride_mc + 1) != 0
+            top = tl.maximum(top, tl.where(in1, lse1, float("-inf")))
+        if N_GROUPS > 2:
+            in2 = tl.load(member_base + c * stride_mc + 2) != 0
+            top = tl.maximum(top, tl.where(in2, lse2, float("-inf")))
+        if N_GROUPS > 3:
+            in3 = tl.load(member_base + c * stride_mc + 3) != 0
+            top = tl.maximum(top, tl.where(in3, lse3, float("-inf")))
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = _group_weight(lse0, in0, top)
+        den = w
+        num = w[:, None] * o0
+        if N_GROUPS > 1:
+            w = _group_weight(lse1, in1, top)
+            den += w
+            num += w[:, None] * o1
+        if N_GROUPS > 2:
+            w = _group_weight(lse2, in2, top)
+            den += w
+            num += w[:, None] * o2
+        if N_GROUPS > 3:
+            w = _group_weight(lse3, in3, top)
+            den += w
+            num += w[:, None] * o3
+        seen = den > 0.0
+        out = tl.where(seen[:, None], num / tl.where(seen, den, 1.0)[:, None], 0.0)  # [BM, BD]
+        tl.store(o_ptr + c * stride_oc + o_row[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _many_group_coalition_kernel(
     q_ptr, k_ptr, v_ptr, group_ptr, span_ptr, pad_ptr, member_ptr, part_ptr, plse_ptr, o_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -460,14 +642,8 @@ def _group_coalition_kernel(
     HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one (b, h), every group's attention once, then every coalition's.
-
-    Phase 1, per group g: online softmax over the keys of g only (the key range ``span[g]`` that holds them,
-    the keys of other groups and padding predicated off), the normalised partial output and its base-2
-    log-sum-exp written to this program's scratch. Phase 2, per coalition c: the partials of its member groups
-    merged by their log-sum-exp, ``Σ_g 2^(lse_g - M) o_g / Σ_g 2^(lse_g - M)``, which is the softmax over the
-    union of their keys; zero rows where no member group has a visible key.
-    """
+    """:func:`_group_coalition_kernel` for any number of groups: the partials go through a per-program scratch
+    buffer instead of registers, and each coalition reads back those of its members (merged online)."""
     pid = tl.program_id(0)
     pid_m = pid % n_row_blocks
     pid_bh = pid // n_row_blocks
@@ -484,36 +660,12 @@ def _group_coalition_kernel(
     v_base = v_ptr + b * stride_vb + h * stride_vh
     pad_base = pad_ptr + b * stride_pb
     scratch = pid.to(tl.int64) * n_groups * BLOCK_M  # first scratch row of this program
-
     for g in range(n_groups):
-        lo = tl.load(span_ptr + 2 * g)
-        hi = tl.load(span_ptr + 2 * g + 1)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)  # [BN]
-            col_vis = (cols < hi) & (tl.load(group_ptr + cols, mask=cols < hi, other=-1) == g)
-            if HAS_PAD:
-                col_vis = col_vis & (tl.load(pad_base + cols, mask=col_vis, other=1) == 0)
-            kt = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
-                         other=0.0)  # [BN, BD]
-            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)  # [BM, BN]
-            s = tl.where(col_vis[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])  # [BM, BN]
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
-                         other=0.0)  # [BN, BD]
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-            m_i = m_new
-        seen = l_i > 0.0
-        l_safe = tl.where(seen, l_i, 1.0)
+        o_g, lse_g = _group_partial(q, k_base, v_base, pad_base, group_ptr, span_ptr, g, stride_kn, stride_vn, d,
+                                    d_ok, scale_log2, HAS_PAD, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         row = scratch + g * BLOCK_M + r  # [BM]
-        tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], acc / l_safe[:, None])
-        tl.store(plse_ptr + row, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")))
+        tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], o_g)
+        tl.store(plse_ptr + row, lse_g)
     tl.debug_barrier()  # the partials were written in the dot layout; phase 2 reads them in another
 
     member_base = member_ptr + b * stride_mb
@@ -671,12 +823,31 @@ def _coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, masks: Tensor, to
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [B, C, H, Q, Dh]
 
 
+def _group_config(n_queries: int, n_keys: int, head_dim: int, n_groups: int) -> dict[str, int]:
+    """Tile sizes and warps of the group-coalition kernels on Hopper (H100 80GB, bf16, 3 groups, measured there).
+
+    Key tiles and stages as the forward (:func:`_fwd_config`). With the partials in registers (up to
+    :data:`_MAX_REGISTER_GROUPS` groups) the query block is halved until the G partial outputs take at most
+    :data:`_GROUP_REGISTER_FLOATS` float32 per program (Q = 64, Dh = 128, B = 256, N = 200: 64-row blocks 0.29 ms,
+    32-row blocks 0.40 ms). Two warps where one group's output block is at most 2048 floats (Q = 16, Dh = 32,
+    B = 1024, N = 64: 0.079 ms against 0.120 with four; Q = 32, Dh = 64: 0.204 against 0.220), four above (Q = 64,
+    Dh = 64: 0.166 ms against 0.240 with two and 32-row blocks); eight were slower at every shape timed.
+    """
+    cfg = _fwd_config(n_queries, n_keys, head_dim)
+    if n_groups <= _MAX_REGISTER_GROUPS:
+        while cfg["BLOCK_M"] > 16 and n_groups * cfg["BLOCK_M"] * cfg["BLOCK_D"] > _GROUP_REGISTER_FLOATS:
+            cfg["BLOCK_M"] //= 2
+        cfg["num_warps"] = 2 if cfg["BLOCK_M"] * cfg["BLOCK_D"] <= 2048 else 4
+    return cfg
+
+
 def _group_coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, key_groups: Tensor, coalitions: Tensor,
                                     key_padding_mask: Tensor | None) -> Tensor:
-    """Validate and launch :func:`_group_coalition_kernel`: ``[B, C, H, Q, Dh]`` in q's dtype.
+    """Validate and launch :func:`_group_coalition_kernel` (up to :data:`_MAX_REGISTER_GROUPS` groups) or
+    :func:`_many_group_coalition_kernel`: ``[B, C, H, Q, Dh]`` in q's dtype.
 
-    The key range of each group (first and one-past-last key) is found on the device, so the launch needs no
-    host synchronisation and can be captured in a CUDA graph.
+    Nothing is copied to or from the host (the scratch path finds each group's key range on the device), so the
+    launch can be captured in a CUDA graph.
     """
     _check_group_args(q, k, v, key_groups, coalitions, key_padding_mask)
     _check_kernel_inputs(q, k, v)
@@ -693,6 +864,25 @@ def _group_coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, key_groups:
     if n == 0:
         return out.zero_()
     groups = key_groups.to(torch.int32).contiguous()  # [N]
+    member = coalitions.contiguous().view(torch.uint8)  # [B, C, G]
+    pad = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None  # [B, N]
+    cfg = _group_config(n_q, n, dh, n_groups)
+    n_row_blocks = triton.cdiv(n_q, cfg["BLOCK_M"])
+    n_programs = n_row_blocks * b * h
+    args = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        pad.stride(0) if pad is not None else 0, member.stride(0), member.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+    )
+    pad_arg = pad if pad is not None else groups
+    common = dict(HAS_PAD=pad is not None, PRECISION=_dot_precision(q.dtype), **cfg)
+    if n_groups <= _MAX_REGISTER_GROUPS:
+        _group_coalition_kernel[(n_programs,)](
+            q, k, v, groups, pad_arg, member, out, *args,
+            h, n_q, n, dh, n_coalitions, n_row_blocks, _LOG2E / math.sqrt(dh), N_GROUPS=n_groups, **common)
+        return out
     position = torch.arange(n, dtype=torch.int32, device=k.device)  # [N]
     bucket = torch.where((groups >= 0) & (groups < n_groups), groups, n_groups).long()  # out-of-range keys: G
     first = torch.full((n_groups + 1,), n, dtype=torch.int32, device=k.device).scatter_reduce(
@@ -700,24 +890,12 @@ def _group_coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, key_groups:
     last = torch.zeros(n_groups + 1, dtype=torch.int32, device=k.device).scatter_reduce(
         0, bucket, position + 1, "amax")  # [G + 1]
     span = torch.stack([first[:n_groups], last[:n_groups]], dim=1).contiguous()  # [G, 2] key range of each group
-    member = coalitions.contiguous().view(torch.uint8)  # [B, C, G]
-    pad = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None  # [B, N]
-    cfg = _fwd_config(n_q, n, dh)
-    n_row_blocks = triton.cdiv(n_q, cfg["BLOCK_M"])
-    n_programs = n_row_blocks * b * h
     part = torch.empty(n_programs * n_groups * cfg["BLOCK_M"], cfg["BLOCK_D"], dtype=torch.float32,
                        device=q.device)  # per program: [G, BM, BD] normalised partial outputs
     plse = torch.empty(n_programs * n_groups * cfg["BLOCK_M"], dtype=torch.float32, device=q.device)
-    _group_coalition_kernel[(n_programs,)](
-        q, k, v, groups, span, pad if pad is not None else groups, member, part, plse, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        pad.stride(0) if pad is not None else 0, member.stride(0), member.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        h, n_q, dh, n_groups, n_coalitions, n_row_blocks, _LOG2E / math.sqrt(dh),
-        HAS_PAD=pad is not None, PRECISION=_dot_precision(q.dtype), **cfg,
-    )
+    _many_group_coalition_kernel[(n_programs,)](
+        q, k, v, groups, span, pad_arg, member, part, plse, out, *args,
+        h, n_q, dh, n_groups, n_coalitions, n_row_blocks, _LOG2E / math.sqrt(dh), **common)
     return out
 
 
@@ -821,7 +999,8 @@ def coalition_attention(q: Tensor, k: Tensor, v: Tensor, masks: Tensor, top_k: i
     path loads each K/V tile of a ``(b, h)`` for 64 coalition x query rows at a time, and the programs of one
     ``(b, h)`` run side by side, so K and V come from device memory about once instead of C times: that is where
     it beats C separate calls. Forward only on the Triton path: explanations run under
-    ``torch.no_grad()``; use :func:`attention` per mask to differentiate.
+    ``torch.no_grad()``; use :func:`attention` per mask to differentiate. Coalitions of whole modalities go
+    faster through :func:`group_coalition_attention`.
 
     Args:
         q: ``[B, H, Q, Dh]`` queries shared by every mask (the bridge's learned queries in its first layer), or

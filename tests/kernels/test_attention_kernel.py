@@ -385,14 +385,17 @@ def test_group_coalitions_equal_separate_calls(b, h, n_q, n, dh, dtype, padded) 
     assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))  # the empty coalition is zero
 
 
-def test_group_coalitions_with_scattered_foreign_and_empty_groups() -> None:
-    """Groups interleaved key by key, keys of no group, a group with no key, random coalitions per unit."""
+@pytest.mark.parametrize("n_groups", [1, 2, 4, 5, 7])
+def test_group_coalitions_with_scattered_foreign_and_empty_groups(n_groups) -> None:
+    """Groups interleaved key by key, keys of no group, a group with no key (for G > 1), random coalitions per
+    unit; up to 4 groups the partials stay in registers, above that they go through scratch memory."""
     b, h, n_q, n, dh = 3, 2, 16, 90, 32
     q, k, v, _ = _inputs(b, h, n_q, n, dh, torch.float32, None, "none", seed=22)
-    gen = torch.Generator().manual_seed(22)
-    groups = torch.randint(-1, 4, (n,), generator=gen)  # -1: no group; G = 5, so group 4 has no key
-    groups[groups == 3] = 7  # and keys of group 7 >= G belong to none either
-    coalitions = torch.rand(b, 6, 5, generator=gen) < 0.5  # [B, 6, 5]
+    gen = torch.Generator().manual_seed(22 + n_groups)
+    groups = torch.randint(-1, max(n_groups - 1, 1), (n,), generator=gen)  # -1: no group; group G-1 has no key
+    groups[groups == 0] = n_groups + 2  # some keys of a group >= G belong to none either
+    groups[:3] = 0
+    coalitions = torch.rand(b, 6, n_groups, generator=gen) < 0.5  # [B, 6, G]
     coalitions[:, 0] = True  # every group, the foreign keys still hidden
     padding = torch.rand(b, n, generator=gen) < 0.2
     groups, coalitions, padding = groups.to(DEVICE), coalitions.to(DEVICE), padding.to(DEVICE)
