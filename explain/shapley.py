@@ -268,6 +268,28 @@ def coalition_masks(present: Tensor) -> tuple[Tensor, Tensor]:
     return masks, row_unit
 
 
+def stack_coalitions(encoded: Encoded) -> tuple[Encoded, Tensor]:
+    """Every coalition of every unit as one row of a stacked batch that reuses the encoder tokens.
+
+    Args:
+        encoded: one ``encode`` result ``[B, N, D]``.
+
+    Returns:
+        ``stacked`` (``[R, N, D]`` tokens, row r a copy of its unit's) and ``masks`` ``[R, M]``, the modalities
+        row r may see (:func:`coalition_masks`), both on the tokens' device: ``model.fuse(stacked, masks)``
+        evaluates them all.
+    """
+    masks, row_unit = coalition_masks(encoded.present)  # [R, M], [R]
+    device = encoded.tokens.device
+    stacked = Encoded(
+        tokens=encoded.tokens.index_select(0, row_unit.to(device)),  # [R, N, D]
+        modality_index=encoded.modality_index,  # [N]
+        slices=encoded.slices,
+        present=encoded.present.index_select(0, row_unit.to(encoded.present.device)),  # [R, M]
+    )
+    return stacked, masks.to(encoded.present.device)
+
+
 def coalition_values(model: InspectionModel, batch: Batch) -> list[CoalitionValues]:
     """Evaluate every coalition of every unit with one ``encode`` and one ``fuse`` call.
 
@@ -287,7 +309,7 @@ def coalition_values(model: InspectionModel, batch: Batch) -> list[CoalitionValu
         raise ValueError(f"model must be an InspectionModel; got {type(model).__name__}")
     if not isinstance(batch, Batch) or len(batch) == 0:
         raise ValueError("batch must be a non-empty Batch (build it with model.batch(units))")
-    masks, row_unit = coalition_masks(batch.present)  # [R, M], [R]
+    coalition_masks(batch.present)  # checks the presence mask's shape
     empty_units = (~batch.present.any(dim=1)).nonzero(as_tuple=True)[0].tolist()
     if empty_units:
         raise ValueError(f"every unit needs at least one modality to explain; units at {empty_units} have none")
@@ -296,13 +318,8 @@ def coalition_values(model: InspectionModel, batch: Batch) -> list[CoalitionValu
     try:
         with torch.no_grad():
             encoded = model.encode(batch)  # tokens [B, N, D]
-            stacked = Encoded(
-                tokens=encoded.tokens.index_select(0, row_unit.to(encoded.tokens.device)),  # [R, N, D]
-                modality_index=encoded.modality_index,  # [N]
-                slices=encoded.slices,
-                present=encoded.present.index_select(0, row_unit.to(encoded.present.device)),  # [R, M]
-            )
-            logits = model.fuse(stacked, masks.to(encoded.present.device)).defect_logit  # [R]
+            stacked, masks = stack_coalitions(encoded)  # [R, N, D], [R, M]
+            logits = model.fuse(stacked, masks).defect_logit  # [R]
     finally:
         model.train(was_training)
     logit_list = logits.double().cpu().tolist()

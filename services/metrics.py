@@ -16,8 +16,9 @@ Metric names (all prefixed ``inspection_``):
 ``duplicate_readings_total``           counter    repeated readings of a modality already joined (ignored)
 ``dlq_total{stage,reason}``            counter    records dead-lettered
 ``stage_seconds{stage}``               histogram  ``decode``, ``join`` (first reading to close), ``queue``
-                                                  (close to scoring), ``score`` (per batch), ``produce`` (send to
-                                                  ack), ``end_to_end`` (newest reading to decision ack)
+                                                  (close to scoring), ``prepare`` (preprocessing of a batch),
+                                                  ``score`` (per batch, preprocessing included), ``produce``
+                                                  (send to ack), ``end_to_end`` (newest reading to decision ack)
 ``batch_size``                         histogram  units per forward pass
 ``queue_depth``                        gauge      units closed and not yet acknowledged
 ``pending_units``                      gauge      units waiting in the join

@@ -5,8 +5,10 @@ B units · M modalities · R stacked coalition rows (Σ_b 2^{n_b}) · N tokens �
 :func:`load_serving_model` loads a version from a :class:`~inspection.store.ModelStore` (hash-verified) and
 refuses an uncalibrated one. :func:`score_units` turns a micro-batch of joined units into decisions:
 
-1. each unit's readings are preprocessed one by one; a reading the model's preprocessing rejects is
-   dead-lettered and the unit goes on without it (it is then listed as missing);
+1. each unit's readings are preprocessed (units side by side on a thread pool when one is given: the
+   spectra, envelopes and image resizes run in numpy, SciPy and OpenCV, which release the GIL); a reading
+   the model's preprocessing rejects is dead-lettered and the unit goes on without it (it is then listed as
+   missing);
 2. one ``encode`` over the batch and one ``fuse`` over every coalition of every unit's present modalities
    (:func:`explain.shapley.coalition_masks`; at most 8 rows per unit), reusing the encoder tokens;
 3. the grand coalition's row of each unit is the unit's own forward pass: its defect probability is the
@@ -16,6 +18,9 @@ refuses an uncalibrated one. :func:`score_units` turns a micro-batch of joined u
 
 If the batched forward fails, each unit is scored alone, so one unit the model cannot take never costs the
 decisions of the others; a unit that fails alone is dead-lettered.
+
+:func:`warm_up` runs the same forward on synthetic inputs before a model takes traffic, so the one-time costs
+of a GPU (Triton kernel compilation, cuDNN algorithm search: seconds) are not paid by the first units.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from explain.shapley import CoalitionValues, all_coalitions, attribution_from_values, coalition_masks
+from explain.shapley import CoalitionValues, all_coalitions, attribution_from_values, stack_coalitions
 from inspection.errors import ConfigError, NotCalibratedError, StoreError
-from inspection.model import Encoded, InspectionModel, ModelConfig
+from inspection.model import DEFAULT_LINE, InspectionModel, ModelConfig
 from inspection.records import MODALITIES, Decision, InputCoordinate, Unit
 from inspection.store import ModelStore
 from services.dlq import PREPROCESS_FAILED, SCORE_FAILED, DeadLetter, dead_letter_reading
@@ -144,6 +150,7 @@ class BatchResult:
     router_stats: list[Any] = field(default_factory=list)
     forward_units: int = 0
     seconds: float = 0.0
+    prepare_seconds: float = 0.0
 
 
 def _dead(joined: JoinedUnit, modality: str, reason: str, detail: str) -> DeadLetter:
@@ -176,25 +183,32 @@ def _majority_shapes(prepared: Sequence[dict[str, dict[str, np.ndarray]]]) -> di
 
 
 def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *, report_base_url: str | None = None,
-                clock=time.monotonic) -> BatchResult:
+                clock=time.monotonic, executor: Executor | None = None) -> BatchResult:
     """Score a micro-batch of joined units (see the module docstring).
 
     Args:
         serving: the model.
         units: joined units, any mix of present modalities.
         report_base_url: decisions link to ``<url>/<decision id>.html`` when set.
-        clock: monotonic clock for the forward-pass timing.
+        clock: monotonic clock for the timings.
+        executor: preprocess the units on it, side by side (e.g. a ``ThreadPoolExecutor``); None preprocesses
+            them one by one in the calling thread. The results are the same either way.
 
     Returns:
-        One :class:`Scored` per unit, in order.
+        One :class:`Scored` per unit, in order; ``seconds`` the whole call, ``prepare_seconds`` its
+        preprocessing.
     """
     t0 = clock()
     results = [Scored(j) for j in units]
+    if executor is not None and len(results) > 1:
+        outcomes = list(executor.map(lambda res: _prepare(serving, res.joined), results))
+    else:
+        outcomes = [_prepare(serving, res.joined) for res in results]
     prepared: list[dict[str, dict[str, np.ndarray]]] = []
-    for res in results:
-        p, dead = _prepare(serving, res.joined)
+    for res, (p, dead) in zip(results, outcomes, strict=True):
         res.dead.extend(dead)
         prepared.append(p)
+    prepare_seconds = clock() - t0
     # a reading whose preprocessed shape differs from the batch's majority cannot be stacked with the others
     shapes = _majority_shapes(prepared)
     for res, p in zip(results, prepared, strict=True):
@@ -230,7 +244,75 @@ def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *, report_ba
                     for m in prepared[i]:
                         res.dead.append(_dead(res.joined, m, SCORE_FAILED, f"{type(one).__name__}: {one}"))
     out.seconds = clock() - t0
+    out.prepare_seconds = prepare_seconds
     return out
+
+
+def _synthetic_prepared(model: InspectionModel, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """One unit's preprocessed inputs for every modality the model reads, from random readings of the shapes and
+    rates its preprocessing takes (noise: no reading of a real unit is needed)."""
+    from inspection.preprocess import (
+        WAVEFORM_MIN_RATE_HZ,
+        SeriesPreprocess,
+        VisionPreprocess,
+        WaveformPreprocess,
+    )
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for m in model.config.modalities:
+        encoder = model.encoders[m]
+        pre = encoder.config.preprocess
+        if isinstance(pre, VisionPreprocess):
+            side = pre.image_size
+            out[m] = encoder.prepare(_Synthetic(image=rng.integers(0, 256, (side, side), dtype=np.uint8)))
+        elif isinstance(pre, WaveformPreprocess):
+            rate = max(WAVEFORM_MIN_RATE_HZ, 2.5 * pre.f_max_hz, pre.wave_rate_hz)
+            n = max(256, int(np.ceil(rate * pre.wave_len / pre.wave_rate_hz)) + 1)
+            out[m] = encoder.prepare(_Synthetic(values=rng.standard_normal((pre.channels, n)), sample_rate_hz=rate))
+        elif isinstance(pre, SeriesPreprocess):
+            out[m] = encoder.prepare(_Synthetic(values=rng.standard_normal((pre.channels, pre.samples)),
+                                                sample_rate_hz=1.0))
+        else:
+            raise ConfigError(f"cannot make a warm-up input for the {m} encoder's {type(pre).__name__}")
+    return out
+
+
+@dataclass(frozen=True)
+class _Synthetic:
+    """The attributes of a reading that the encoders' ``prepare`` read."""
+
+    image: np.ndarray | None = None
+    values: np.ndarray | None = None
+    sample_rate_hz: float = 0.0
+
+
+@torch.inference_mode()
+def warm_up(serving: ServingModel, batch_sizes: Sequence[int] = (32, 1)) -> float:
+    """Run the scoring forward (encode + every coalition) on synthetic units of every modality, once per batch
+    size, so one-time compilation happens now rather than on the first real batch.
+
+    Args:
+        serving: the model.
+        batch_sizes: units per warm-up forward; the service passes its ``max_batch`` and 1, which give the
+            kernels the row counts they are specialised on (multiples of 16 or not).
+
+    Returns:
+        Seconds it took.
+
+    Raises:
+        ConfigError: an encoder whose preprocessing has no synthetic input.
+    """
+    t0 = time.monotonic()
+    model = serving.model
+    example = _synthetic_prepared(model)
+    for n in batch_sizes:
+        batch = model.collate([example] * n, [DEFAULT_LINE] * n).to(serving.device)
+        stacked, masks = stack_coalitions(model.encode(batch))
+        model.fuse(stacked, masks)
+    if serving.device.type == "cuda":
+        torch.cuda.synchronize(serving.device)
+    return time.monotonic() - t0
 
 
 @torch.inference_mode()
@@ -241,13 +323,7 @@ def _forward(serving: ServingModel, results: list[Scored], prepared: list[dict[s
     batch = model.collate(prepared, [r.joined.unit.line_id for r in results]).to(serving.device)
     thresholds = model.threshold_for(batch.line_index).float().cpu().tolist()  # [B]
     encoded = model.encode(batch)  # tokens [B, N, D]
-    masks, row_unit = coalition_masks(batch.present)  # [R, M], [R]
-    stacked = Encoded(
-        tokens=encoded.tokens.index_select(0, row_unit),  # [R, N, D]
-        modality_index=encoded.modality_index,
-        slices=encoded.slices,
-        present=encoded.present.index_select(0, row_unit),  # [R, M]
-    )
+    stacked, masks = stack_coalitions(encoded)  # [R, N, D], [R, M]
     out = model.fuse(stacked, masks)
     logits = out.defect_logit.float()  # [R]
     probs = torch.sigmoid(logits).cpu()  # [R], as ModelOutput.score

@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,7 +62,14 @@ from services.clients import delivery_confirmed, make_consumer, make_producer, v
 from services.drift import DriftMonitor
 from services.join import JoinedUnit, LateReading, UnitJoiner
 from services.metrics import Heartbeat, OpsServer, ServiceMetrics
-from services.scoring import ServingModel, load_serving_model, resolve_device, score_units, with_latency
+from services.scoring import (
+    ServingModel,
+    load_serving_model,
+    resolve_device,
+    score_units,
+    warm_up,
+    with_latency,
+)
 from services.service_config import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -238,6 +246,7 @@ class StreamService:
         self._ops: OpsServer | None = None
         self._archive = None
         self._scorer: threading.Thread | None = None
+        self._prepare_pool: ThreadPoolExecutor | None = None
         self._drift = DriftMonitor(config.drift.window, config.drift.alpha) if config.drift.enabled else None
         self._next_reload = 0.0
         self._failed_version: str | None = None
@@ -289,6 +298,9 @@ class StreamService:
             torch.set_num_threads(cfg.model.threads)
         self._device = resolve_device(cfg.model.device)
         self._store = ModelStore(cfg.model.store)
+        workers = cfg.model.resolved_prepare_workers()
+        if workers > 1:
+            self._prepare_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare")
         self._serving = self._load_model(cfg.model.version)
         self._next_reload = time.monotonic() + cfg.model.reload_interval_s
         security = cfg.security.client_settings()
@@ -329,6 +341,10 @@ class StreamService:
         if lacking:
             raise ConfigError(f"join.expected names {lacking}, which model {serving.version} does not read "
                               f"(it reads {list(serving.modalities)})")
+        warm = self.config.model.warm_up
+        if warm or (warm is None and self._device.type == "cuda"):
+            seconds = warm_up(serving, sorted({self.config.batching.max_batch, 1}, reverse=True))
+            log.info("model %s warmed up on %s in %.1f s", serving.version, self._device, seconds)
         self.metrics.set_model(serving.version, serving.threshold_version)
         self.stats.model_versions.append(serving.version)
         return serving
@@ -735,8 +751,10 @@ class StreamService:
         start = time.monotonic()
         for item in batch:
             self.metrics.stage_seconds.labels("queue").observe(start - item.closed_at)
-        result = score_units(serving, [item.joined for item in batch], report_base_url=self.config.report_base_url)
+        result = score_units(serving, [item.joined for item in batch], report_base_url=self.config.report_base_url,
+                             executor=self._prepare_pool)
         self.stats.batches += 1
+        self.metrics.stage_seconds.labels("prepare").observe(result.prepare_seconds)
         self.metrics.stage_seconds.labels("score").observe(result.seconds)
         self.metrics.batch_size.observe(len(batch))
         if result.router_stats:
@@ -855,6 +873,8 @@ class StreamService:
                 log.warning("closing the producer failed: %s", exc)
         if self._ops is not None:
             self._ops.stop()
+        if self._prepare_pool is not None:
+            self._prepare_pool.shutdown(wait=True)
         log.info("stopped: %s", self.summary())
 
     def summary(self) -> dict[str, Any]:

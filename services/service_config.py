@@ -107,6 +107,10 @@ class ModelSection:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         reload_interval_s: how often the store is polled for a newly promoted version; 0 never polls.
         threads: torch intra-op threads on CPU; ``None`` keeps torch's default.
+        prepare_workers: threads that preprocess the units of a batch side by side; 0 picks
+            ``min(8, CPU cores)``, 1 preprocesses them one by one in the scoring thread.
+        warm_up: run the scoring forward on synthetic units before a model takes traffic (readiness waits for
+            it), so GPU kernel compilation is not paid by the first units; ``None`` does it on CUDA only.
     """
 
     store: str = ""
@@ -114,6 +118,8 @@ class ModelSection:
     device: str = "auto"
     reload_interval_s: float = 10.0
     threads: int | None = None
+    prepare_workers: int = 0
+    warm_up: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, str) or not self.store.strip():
@@ -122,6 +128,13 @@ class ModelSection:
         _number(self.reload_interval_s, "model.reload_interval_s", low=0)
         if self.threads is not None:
             _number(self.threads, "model.threads", low=1, integer=True)
+        _number(self.prepare_workers, "model.prepare_workers", low=0, high=256, integer=True)
+        if self.warm_up is not None and not isinstance(self.warm_up, bool):
+            raise ConfigError(f"model.warm_up must be true, false or null (CUDA only); got {self.warm_up!r}")
+
+    def resolved_prepare_workers(self) -> int:
+        """Threads that preprocess a batch: ``prepare_workers``, or ``min(8, CPU cores)`` for 0."""
+        return self.prepare_workers or min(8, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
