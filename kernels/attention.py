@@ -485,6 +485,27 @@ def _group_partial(q, k_base, v_base, pad_base, group_ptr, span_ptr, g, stride_k
 
 
 @triton.jit
+def _group_program(q_ptr, k_ptr, v_ptr, pad_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+                   stride_vb, stride_vh, stride_pb, n_heads, n_queries, head_dim, n_row_blocks,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a group-coalition program works on: its (b, h), its rows' queries ``i`` [BM] (and which exist), the
+    head-width lanes ``d`` [BD] (and which exist), the query tile [BM, BD] and the K, V and padding rows of b."""
+    pid = tl.program_id(0)
+    pid_m = pid % n_row_blocks
+    pid_bh = pid // n_row_blocks
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] query of each row
+    row_ok = i < n_queries
+    d = tl.arange(0, BLOCK_D)  # [BD]
+    d_ok = d < head_dim
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qm + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
+    return (b, h, i, row_ok, d, d_ok, q, k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
+            pad_ptr + b * stride_pb)
+
+
+@triton.jit
 def _group_update(s, vt, in_g, m_i, l_i, acc, PRECISION: tl.constexpr):
     """One key tile's online-softmax step for the keys ``in_g`` [BN] of one group: scaled scores ``s`` [BM, BN],
     values ``vt`` [BN, BD]; returns the group's new running max, sum and accumulator."""
@@ -532,20 +553,9 @@ def _group_coalition_kernel(
     normalised output and ``w_g = 2^(lse_g - max lse)``: the softmax over the union of their keys; zero rows
     where no member group has a visible key.
     """
-    pid = tl.program_id(0)
-    pid_m = pid % n_row_blocks
-    pid_bh = pid // n_row_blocks
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] query of each row
-    row_ok = i < n_queries
-    d = tl.arange(0, BLOCK_D)  # [BD]
-    d_ok = d < head_dim
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qm + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    pad_base = pad_ptr + b * stride_pb
+    b, h, i, row_ok, d, d_ok, q, k_base, v_base, pad_base = _group_program(
+        q_ptr, k_ptr, v_ptr, pad_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_pb, n_heads, n_queries, head_dim, n_row_blocks, BLOCK_M, BLOCK_D)
 
     m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l0 = tl.zeros([BLOCK_M], tl.float32)
@@ -644,22 +654,11 @@ def _many_group_coalition_kernel(
 ):
     """:func:`_group_coalition_kernel` for any number of groups: the partials go through a per-program scratch
     buffer instead of registers, and each coalition reads back those of its members (merged online)."""
-    pid = tl.program_id(0)
-    pid_m = pid % n_row_blocks
-    pid_bh = pid // n_row_blocks
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    b, h, i, row_ok, d, d_ok, q, k_base, v_base, pad_base = _group_program(
+        q_ptr, k_ptr, v_ptr, pad_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_pb, n_heads, n_queries, head_dim, n_row_blocks, BLOCK_M, BLOCK_D)
     r = tl.arange(0, BLOCK_M)  # [BM] row of the block
-    i = pid_m * BLOCK_M + r  # [BM] query of each row
-    row_ok = i < n_queries
-    d = tl.arange(0, BLOCK_D)  # [BD]
-    d_ok = d < head_dim
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qm + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    pad_base = pad_ptr + b * stride_pb
-    scratch = pid.to(tl.int64) * n_groups * BLOCK_M  # first scratch row of this program
+    scratch = tl.program_id(0).to(tl.int64) * n_groups * BLOCK_M  # first scratch row of this program
     for g in range(n_groups):
         o_g, lse_g = _group_partial(q, k_base, v_base, pad_base, group_ptr, span_ptr, g, stride_kn, stride_vn, d,
                                     d_ok, scale_log2, HAS_PAD, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
