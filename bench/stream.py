@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", choices=["demo", "composite"], default="demo")
     p.add_argument("--store", help="serve this model store's promoted version instead")
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--prepare-workers", type=int, default=0,
+                   help="model.prepare_workers of the service (0: min(8, cores); 1: no thread pool)")
     p.add_argument("--max-delay-ms", type=float, default=20.0)
     p.add_argument("--partitions", type=int, default=3)
     p.add_argument("--watermark-lag-s", type=float, default=30.0, help="join.watermark_lag_s of the service")
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"ceiling: plain consumer read {got} messages in {ceiling_s:.2f} s = {ceiling_ups:.0f} units/s")
 
         config = {
-            "model": {"store": str(store), "device": args.device, "reload_interval_s": 0},
+            "model": {"store": str(store), "device": args.device, "reload_interval_s": 0,
+                      "prepare_workers": args.prepare_workers},
             "topics": {n: getattr(topics, n) for n in ("vision", "vibration", "temperature", "decisions", "dlq")},
             "batching": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms, "max_queue": 8 * args.max_batch},
             # backlog units are published far faster than their event times (10 s apart) advance
@@ -311,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency_units": args.latency_units,
             "latency_rate_units_per_s": round(rate, 2),
             "max_batch": args.max_batch,
+            "prepare_workers": args.prepare_workers,
             "explanations": "every decision carries exact modality Shapley values and pairwise interactions "
                             "(8 coalitions per unit) from the same batched forward",
             "units_decided": decided,
