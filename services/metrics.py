@@ -31,7 +31,7 @@ Metric names (all prefixed ``inspection_``):
 ``model_info{version,threshold_version}`` gauge   1 for the model in use
 ``model_reloads_total{result}``        counter    hot reloads (``ok``/``failed``)
 ``commits_total``                      counter    offset commits that succeeded
-``rebalances_total``                   counter    partition revocations handled
+``rebalances_total``                   counter    group rebalances this member took part in
 ``ready``                              gauge      1 when ready to serve
 =====================================  =========  ==============================================================
 """
@@ -93,7 +93,8 @@ class ServiceMetrics:
                                 registry=r)
         self.reloads = Counter(f"{p}model_reloads", "Model hot reloads", ["result"], registry=r)
         self.commits = Counter(f"{p}commits", "Offset commits that succeeded", registry=r)
-        self.rebalances = Counter(f"{p}rebalances", "Partition revocations handled", registry=r)
+        self.rebalances = Counter(f"{p}rebalances", "Group rebalances this member took part in",
+                                  registry=r)
         self.ready = Gauge(f"{p}ready", "1 when the service is ready", registry=r)
         self._model_labels: tuple[str, str] | None = None
 

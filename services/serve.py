@@ -114,6 +114,30 @@ class Outgoing:
     sent_at: float = 0.0
 
 
+#: Services of this process that froze the heap (several run side by side in one process in tests and embeddings).
+_frozen_by = 0
+_frozen_lock = threading.Lock()
+
+
+def _freeze_heap() -> None:
+    """Collect, then move every object alive now out of the collector's generations (``gc.freeze``)."""
+    global _frozen_by
+    with _frozen_lock:
+        gc.collect()
+        gc.freeze()
+        _frozen_by += 1
+
+
+def _thaw_heap() -> None:
+    """Give the frozen objects back to the collector once the last service of the process that froze it stops,
+    so that one stopping service never makes the others' periodic collections walk the whole heap."""
+    global _frozen_by
+    with _frozen_lock:
+        _frozen_by -= 1
+        if _frozen_by == 0:
+            gc.unfreeze()
+
+
 class _Listener(ConsumerRebalanceListener):
     """Forwards rebalance notifications to the main thread (the consumer may call it from its IO thread)."""
 
@@ -226,6 +250,8 @@ class StreamService:
         self._tracker = OffsetTracker()
         self._arrivals: dict[str, tuple[float, float]] = {}
         self._assignment: set[TopicPartition] = set()
+        self._joined_once = False  # the first assignment of this member is its join, not a rebalance
+        self._rebalance_counted = False  # a revocation since the last assignment was counted as the rebalance
         self._resume: dict[tuple[str, int], int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._retries: list[tuple[float, int, Outgoing]] = []
@@ -341,8 +367,7 @@ class StreamService:
         # Everything built so far (torch, the model, the clients: several hundred thousand objects) lives as long
         # as the process: take it out of the collector's generations, so the periodic full collection walks only
         # what serving creates (milliseconds instead of a pass over the whole heap).
-        gc.collect()
-        gc.freeze()
+        _freeze_heap()
         self._heap_frozen = True
         self._next_gc = time.monotonic() + _GC_INTERVAL_S
         log.info("serving %s from %s as %s in group %s (model %s on %s, expected %s)",
@@ -537,10 +562,14 @@ class StreamService:
         self._assignment = set()
         self._ready.clear()
         self.metrics.ready.set(0)
-        self.stats.rebalances += 1
-        self.metrics.rebalances.inc()
+        self._count_rebalance()
+        self._rebalance_counted = True
         log.info("partitions revoked (%d); %d units not yet settled will be read again from %s", len(partitions),
                  dropped, {f"{t}[{p}]": o for (t, p), o in sorted(resume.items())})
+
+    def _count_rebalance(self) -> None:
+        self.stats.rebalances += 1
+        self.metrics.rebalances.inc()
 
     def _assign(self, partitions: set[TopicPartition]) -> set[TopicPartition]:
         rewound = set()
@@ -555,6 +584,12 @@ class StreamService:
                 rewound.add(tp)
         self._resume.clear()
         self._assignment = set(self._consumer.assignment())
+        # a rebalance is counted at its revocation, as soon as the member hears of it; one whose revocation was
+        # skipped (the member owned nothing, e.g. after the group went on without it) is counted here
+        if self._joined_once and not self._rebalance_counted:
+            self._count_rebalance()
+        self._joined_once = True
+        self._rebalance_counted = False
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in self._assignment))
         if self._assignment:
             self._ready.set()
@@ -907,7 +942,7 @@ class StreamService:
         if self._prepare_pool is not None:
             self._prepare_pool.shutdown(wait=True)
         if self._heap_frozen:
-            gc.unfreeze()
+            _thaw_heap()
             self._heap_frozen = False
         log.info("stopped: %s", self.summary())
 

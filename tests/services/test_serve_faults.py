@@ -216,12 +216,7 @@ def test_second_instance_joins_and_leaves_under_load_loses_nothing(broker, topic
                     time.sleep(0.1)
                 assert a.stats.rebalances >= 1
                 joined_and_left_under_load = publisher.is_alive()
-            # a takes b's partitions back
-            deadline = time.monotonic() + 60
-            while a.stats.rebalances < 2:
-                assert time.monotonic() < deadline, \
-                    f"the first instance never took the partitions back: {a.summary()}, depth {a.queue_depth()}"
-                time.sleep(0.1)
+            # a takes b's partitions back: the units on them that arrive after b left can only be decided by a
             publisher.join(120)
             assert not publisher.errors
             collector.wait_for({u.unit_id for u in units}, SETTLE_TIMEOUT_S)
