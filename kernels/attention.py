@@ -1029,10 +1029,11 @@ def group_coalition_attention(q: Tensor, k: Tensor, v: Tensor, key_groups: Tenso
     :func:`group_coalition_attention_reference`), but the Triton path computes the softmax attention over each
     group's keys once per query (G partial outputs with their log-sum-exp) and forms every coalition by merging
     the partials of its members: the work is one attention over the N keys plus ``C·G`` tiny merges, where C
-    separate calls (or :func:`coalition_attention`) attend over N keys C times. Keys of one group need not be
-    contiguous, but the kernel scans each group's range from its first to its last key, so contiguous groups
-    (the bridge's modality tokens) cost least. Forward only on the Triton path, no top-k (the top-k of a union
-    is not the union of the top-ks: use :func:`coalition_attention`).
+    separate calls (or :func:`coalition_attention`) attend over N keys C times. Up to 4 groups, one pass over the
+    keys computes each tile's scores once and updates the groups present in it; with more groups each group
+    scans the range from its first to its last key. Keys of one group need not be contiguous, but contiguous
+    groups (the bridge's modality tokens) cost least. Forward only on the Triton path, no top-k (the top-k of a
+    union is not the union of the top-ks: use :func:`coalition_attention`).
 
     Args:
         q: ``[B, H, Q, Dh]`` queries, shared by every coalition.
