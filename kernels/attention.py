@@ -62,7 +62,7 @@ _FWD_MAX_BLOCK_M = 64
 _MAX_COALITIONS_PER_LAUNCH = 30
 #: Queries of one backward program. With Q above it, several programs add into dK and dV with atomics.
 _BWD_MAX_BLOCK_M = 64
-#: Groups whose partial outputs the group-coalition kernel holds in registers; more go through a scratch buffer.
+#: Groups whose partial outputs the group-coalition kernel holds in registers; more go through the mask kernel.
 _MAX_REGISTER_GROUPS = 4
 #: float32 elements of those partials per program (G x query block x head width), at most.
 _GROUP_REGISTER_FLOATS = 32768
@@ -459,32 +459,6 @@ def _attention_bwd_kernel(
 
 
 @triton.jit
-def _group_partial(q, k_base, v_base, pad_base, group_ptr, span_ptr, g, stride_kn, stride_vn, d, d_ok,
-                   scale_log2, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax of the rows ``q`` over the keys of group g only: the keys of the range ``span[g]`` (first
-    key, one past the last) whose group is g and which are not padding. Returns the normalised output [BM, BD]
-    float32 (zero where no key is visible) and its base-2 log-sum-exp [BM] (-inf where no key is visible)."""
-    lo = tl.load(span_ptr + 2 * g)
-    hi = tl.load(span_ptr + 2 * g + 1)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)  # [BN]
-        col_vis = (cols < hi) & (tl.load(group_ptr + cols, mask=cols < hi, other=-1) == g)
-        if HAS_PAD:
-            col_vis = col_vis & (tl.load(pad_base + cols, mask=col_vis, other=1) == 0)
-        kt = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
-                     other=0.0)  # [BN, BD]
-        vt = tl.load(v_base + cols[:, None] * stride_vn + d[None, :], mask=col_vis[:, None] & d_ok[None, :],
-                     other=0.0)  # [BN, BD]
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale_log2  # [BM, BN]
-        m_i, l_i, acc = _group_update(s, vt, col_vis, m_i, l_i, acc, PRECISION)
-    return _group_result(m_i, l_i, acc)
-
-
-@triton.jit
 def _group_program(q_ptr, k_ptr, v_ptr, pad_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
                    stride_vb, stride_vh, stride_pb, n_heads, n_queries, head_dim, n_row_blocks,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -640,57 +614,6 @@ def _group_coalition_kernel(
                  mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _many_group_coalition_kernel(
-    q_ptr, k_ptr, v_ptr, group_ptr, span_ptr, pad_ptr, member_ptr, part_ptr, plse_ptr, o_ptr,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_pb, stride_mb, stride_mc,
-    stride_ob, stride_oc, stride_oh, stride_om,
-    n_heads, n_queries, head_dim, n_groups, n_coalitions, n_row_blocks, scale_log2,
-    HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """:func:`_group_coalition_kernel` for any number of groups: the partials go through a per-program scratch
-    buffer instead of registers, and each coalition reads back those of its members (merged online)."""
-    b, h, i, row_ok, d, d_ok, q, k_base, v_base, pad_base = _group_program(
-        q_ptr, k_ptr, v_ptr, pad_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
-        stride_pb, n_heads, n_queries, head_dim, n_row_blocks, BLOCK_M, BLOCK_D)
-    r = tl.arange(0, BLOCK_M)  # [BM] row of the block
-    scratch = tl.program_id(0).to(tl.int64) * n_groups * BLOCK_M  # first scratch row of this program
-    for g in range(n_groups):
-        o_g, lse_g = _group_partial(q, k_base, v_base, pad_base, group_ptr, span_ptr, g, stride_kn, stride_vn, d,
-                                    d_ok, scale_log2, HAS_PAD, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        row = scratch + g * BLOCK_M + r  # [BM]
-        tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], o_g)
-        tl.store(plse_ptr + row, lse_g)
-    tl.debug_barrier()  # the partials were written in the dot layout; phase 2 reads them in another
-
-    member_base = member_ptr + b * stride_mb
-    for c in range(n_coalitions):
-        run_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        den = tl.zeros([BLOCK_M], tl.float32)
-        num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for g in range(n_groups):
-            if tl.load(member_base + c * stride_mc + g) != 0:
-                row = scratch + g * BLOCK_M + r
-                lse_g = tl.load(plse_ptr + row)  # [BM], -inf where the group has no visible key
-                o_g = tl.load(part_ptr + row[:, None] * BLOCK_D + d[None, :])  # [BM, BD]
-                new_m = tl.maximum(run_m, lse_g)
-                safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-                alpha = tl.exp2(run_m - safe)
-                w = tl.exp2(lse_g - safe)
-                den = den * alpha + w
-                num = num * alpha[:, None] + w[:, None] * o_g
-                run_m = new_m
-        seen = den > 0.0
-        out = tl.where(seen[:, None], num / tl.where(seen, den, 1.0)[:, None], 0.0)
-        o_row = b * stride_ob + c * stride_oc + h * stride_oh + i * stride_om  # [BM]
-        tl.store(o_ptr + o_row[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
-
-
 # ============================================================================================ launchers
 def _check_kernel_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     """What the kernels need beyond the shared checks: dtype, head width, device, unit stride in Dh."""
@@ -823,30 +746,28 @@ def _coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, masks: Tensor, to
 
 
 def _group_config(n_queries: int, n_keys: int, head_dim: int, n_groups: int) -> dict[str, int]:
-    """Tile sizes and warps of the group-coalition kernels on Hopper (H100 80GB, bf16, 3 groups, measured there).
+    """Tile sizes and warps of :func:`_group_coalition_kernel` on Hopper (H100 80GB, bf16, 3 groups, measured there).
 
-    Key tiles and stages as the forward (:func:`_fwd_config`). With the partials in registers (up to
-    :data:`_MAX_REGISTER_GROUPS` groups) the query block is halved until the G partial outputs take at most
-    :data:`_GROUP_REGISTER_FLOATS` float32 per program (Q = 64, Dh = 128, B = 256, N = 200: 64-row blocks 0.29 ms,
-    32-row blocks 0.40 ms). Two warps where one group's output block is at most 2048 floats (Q = 16, Dh = 32,
-    B = 1024, N = 64: 0.079 ms against 0.120 with four; Q = 32, Dh = 64: 0.204 against 0.220), four above (Q = 64,
-    Dh = 64: 0.166 ms against 0.240 with two and 32-row blocks); eight were slower at every shape timed.
+    Key tiles and stages as the forward (:func:`_fwd_config`). The query block is halved until the G partial
+    outputs held in registers take at most :data:`_GROUP_REGISTER_FLOATS` float32 per program (Q = 64, Dh = 128,
+    B = 256, N = 200: 64-row blocks 0.29 ms, 32-row blocks 0.40 ms). Two warps where one group's output block is
+    at most 2048 floats (Q = 16, Dh = 32, B = 1024, N = 64: 0.079 ms against 0.120 with four; Q = 32, Dh = 64:
+    0.204 against 0.220), four above (Q = 64, Dh = 64: 0.166 ms against 0.240 with two and 32-row blocks); eight
+    were slower at every shape timed.
     """
     cfg = _fwd_config(n_queries, n_keys, head_dim)
-    if n_groups <= _MAX_REGISTER_GROUPS:
-        while cfg["BLOCK_M"] > 16 and n_groups * cfg["BLOCK_M"] * cfg["BLOCK_D"] > _GROUP_REGISTER_FLOATS:
-            cfg["BLOCK_M"] //= 2
-        cfg["num_warps"] = 2 if cfg["BLOCK_M"] * cfg["BLOCK_D"] <= 2048 else 4
+    while cfg["BLOCK_M"] > 16 and n_groups * cfg["BLOCK_M"] * cfg["BLOCK_D"] > _GROUP_REGISTER_FLOATS:
+        cfg["BLOCK_M"] //= 2
+    cfg["num_warps"] = 2 if cfg["BLOCK_M"] * cfg["BLOCK_D"] <= 2048 else 4
     return cfg
 
 
 def _group_coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, key_groups: Tensor, coalitions: Tensor,
                                     key_padding_mask: Tensor | None) -> Tensor:
-    """Validate and launch :func:`_group_coalition_kernel` (up to :data:`_MAX_REGISTER_GROUPS` groups) or
-    :func:`_many_group_coalition_kernel`: ``[B, C, H, Q, Dh]`` in q's dtype.
+    """Validate and launch :func:`_group_coalition_kernel`: ``[B, C, H, Q, Dh]`` in q's dtype. More than
+    :data:`_MAX_REGISTER_GROUPS` groups go to :func:`coalition_attention` with the masks they stand for.
 
-    Nothing is copied to or from the host (the scratch path finds each group's key range on the device), so the
-    launch can be captured in a CUDA graph.
+    Nothing is copied to or from the host, so the launch can be captured in a CUDA graph.
     """
     _check_group_args(q, k, v, key_groups, coalitions, key_padding_mask)
     _check_kernel_inputs(q, k, v)
@@ -854,9 +775,12 @@ def _group_coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, key_groups:
         raise ValueError("group_coalition_attention is forward only on the Triton path: expected inputs without "
                          "grad; got requires_grad=True (call it under torch.no_grad(), or use attention() per "
                          "coalition to differentiate)")
+    n_coalitions, n_groups = coalitions.shape[1], coalitions.shape[2]
+    if n_groups > _MAX_REGISTER_GROUPS:
+        return _coalition_forward_triton(q, k, v, group_coalition_masks(key_groups, coalitions, key_padding_mask),
+                                         None)
     b, h, n, dh = k.shape
     n_q = q.shape[2]
-    n_coalitions, n_groups = coalitions.shape[1], coalitions.shape[2]
     out = torch.empty(b, n_coalitions, h, n_q, dh, dtype=q.dtype, device=q.device)  # [B, C, H, Q, Dh]
     if out.numel() == 0:
         return out
@@ -867,34 +791,16 @@ def _group_coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, key_groups:
     pad = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None  # [B, N]
     cfg = _group_config(n_q, n, dh, n_groups)
     n_row_blocks = triton.cdiv(n_q, cfg["BLOCK_M"])
-    n_programs = n_row_blocks * b * h
-    args = (
+    _group_coalition_kernel[(n_row_blocks * b * h,)](
+        q, k, v, groups, pad if pad is not None else groups, member, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         pad.stride(0) if pad is not None else 0, member.stride(0), member.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        h, n_q, n, dh, n_coalitions, n_row_blocks, _LOG2E / math.sqrt(dh),
+        N_GROUPS=n_groups, HAS_PAD=pad is not None, PRECISION=_dot_precision(q.dtype), **cfg,
     )
-    pad_arg = pad if pad is not None else groups
-    common = dict(HAS_PAD=pad is not None, PRECISION=_dot_precision(q.dtype), **cfg)
-    if n_groups <= _MAX_REGISTER_GROUPS:
-        _group_coalition_kernel[(n_programs,)](
-            q, k, v, groups, pad_arg, member, out, *args,
-            h, n_q, n, dh, n_coalitions, n_row_blocks, _LOG2E / math.sqrt(dh), N_GROUPS=n_groups, **common)
-        return out
-    position = torch.arange(n, dtype=torch.int32, device=k.device)  # [N]
-    bucket = torch.where((groups >= 0) & (groups < n_groups), groups, n_groups).long()  # out-of-range keys: G
-    first = torch.full((n_groups + 1,), n, dtype=torch.int32, device=k.device).scatter_reduce(
-        0, bucket, position, "amin")  # [G + 1]
-    last = torch.zeros(n_groups + 1, dtype=torch.int32, device=k.device).scatter_reduce(
-        0, bucket, position + 1, "amax")  # [G + 1]
-    span = torch.stack([first[:n_groups], last[:n_groups]], dim=1).contiguous()  # [G, 2] key range of each group
-    part = torch.empty(n_programs * n_groups * cfg["BLOCK_M"], cfg["BLOCK_D"], dtype=torch.float32,
-                       device=q.device)  # per program: [G, BM, BD] normalised partial outputs
-    plse = torch.empty(n_programs * n_groups * cfg["BLOCK_M"], dtype=torch.float32, device=q.device)
-    _many_group_coalition_kernel[(n_programs,)](
-        q, k, v, groups, span, pad_arg, member, part, plse, out, *args,
-        h, n_q, dh, n_groups, n_coalitions, n_row_blocks, _LOG2E / math.sqrt(dh), **common)
     return out
 
 
@@ -1030,9 +936,8 @@ def group_coalition_attention(q: Tensor, k: Tensor, v: Tensor, key_groups: Tenso
     group's keys once per query (G partial outputs with their log-sum-exp) and forms every coalition by merging
     the partials of its members: the work is one attention over the N keys plus ``C·G`` tiny merges, where C
     separate calls (or :func:`coalition_attention`) attend over N keys C times. Up to 4 groups, one pass over the
-    keys computes each tile's scores once and updates the groups present in it; with more groups each group
-    scans the range from its first to its last key. Keys of one group need not be contiguous, but contiguous
-    groups (the bridge's modality tokens) cost least. Forward only on the Triton path, no top-k (the top-k of a
+    keys computes each tile's scores once and updates the groups present in it; more groups go to
+    :func:`coalition_attention` with the masks they stand for. Keys of one group need not be contiguous. Forward only on the Triton path, no top-k (the top-k of a
     union is not the union of the top-ks: use :func:`coalition_attention`).
 
     Args:

@@ -388,7 +388,8 @@ def test_group_coalitions_equal_separate_calls(b, h, n_q, n, dh, dtype, padded) 
 @pytest.mark.parametrize("n_groups", [1, 2, 4, 5, 7])
 def test_group_coalitions_with_scattered_foreign_and_empty_groups(n_groups) -> None:
     """Groups interleaved key by key, keys of no group, a group with no key (for G > 1), random coalitions per
-    unit; up to 4 groups the partials stay in registers, above that they go through scratch memory."""
+    unit; up to 4 groups the group kernel holds the partials in registers, above that the masks go to the mask
+    kernel."""
     b, h, n_q, n, dh = 3, 2, 16, 90, 32
     q, k, v, _ = _inputs(b, h, n_q, n, dh, torch.float32, None, "none", seed=22)
     gen = torch.Generator().manual_seed(22 + n_groups)
