@@ -21,7 +21,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +32,11 @@ from stream import (  # noqa: E402  (bench/stream.py: the same broker, model and
     benchmark_model_store,
     free_port,
     proc_status,
+    run_metadata,
     start_service,
     stop_service,
 )
 
-from inspection.evaluation import current_commit, machine_description  # noqa: E402
 from services.broker import EmbeddedBroker, TopicNames, create_topics  # noqa: E402
 from services.clients import make_producer  # noqa: E402
 from services.publish import publish_units  # noqa: E402
@@ -151,12 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "duplicate_decisions": reader.records - len(reader.first_ts),
             "p50_ms": round(float(np.percentile(latency, 50)), 1) if len(latency) else None,
             "p99_ms": round(float(np.percentile(latency, 99)), 1) if len(latency) else None,
-            "machine": machine_description(),
-            "commit": current_commit(),
-            "command": command,
-            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-            "device": args.device,
-            "model": model_note,
+            **run_metadata(command, args.device, model_note),
         },
         "service": service_summary,
         "samples": samples,

@@ -152,6 +152,12 @@ class DecisionReader:
         self._consumer.close(autocommit=False)
 
 
+def run_metadata(command: str, device: str, model: str) -> dict[str, str]:
+    """What every stream and soak result records about its run: machine, commit, command, date, device, model."""
+    return {"machine": machine_description(), "commit": current_commit(), "command": command,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"), "device": device, "model": model}
+
+
 def proc_status(pid: int, field: str) -> float:
     """A memory line of /proc/<pid>/status in MiB (VmRSS, VmHWM), or NaN."""
     try:
@@ -304,12 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "p50_ms": round(p50, 1),
             "p99_ms": round(p99, 1),
             "peak_rss_mb": round(peak_rss, 1),
-            "machine": machine_description(),
-            "commit": current_commit(),
-            "command": command,
-            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-            "device": args.device,
-            "model": model_note,
+            **run_metadata(command, args.device, model_note),
             "units": args.units,
             "latency_units": args.latency_units,
             "latency_rate_units_per_s": round(rate, 2),

@@ -236,6 +236,13 @@ class ModalityAttribution:
 
 
 # ------------------------------------------------------------------------------------------- model
+def _check_present(present: object) -> None:
+    if not isinstance(present, Tensor) or present.dtype != torch.bool or present.dim() != 2 \
+            or present.shape[1] != len(MODALITIES):
+        raise ValueError(f"present must be a [B, {len(MODALITIES)}] bool tensor; got "
+                         f"{getattr(present, 'dtype', type(present).__name__)} {tuple(getattr(present, 'shape', ()))}")
+
+
 def coalition_masks(present: Tensor) -> tuple[Tensor, Tensor]:
     """Stack, unit after unit, a presence mask for every subset of each unit's present modalities.
 
@@ -252,10 +259,7 @@ def coalition_masks(present: Tensor) -> tuple[Tensor, Tensor]:
     Raises:
         ValueError: ``present`` is not a ``[B, M]`` bool tensor with M = ``len(MODALITIES)``.
     """
-    if not isinstance(present, Tensor) or present.dtype != torch.bool or present.dim() != 2 \
-            or present.shape[1] != len(MODALITIES):
-        raise ValueError(f"present must be a [B, {len(MODALITIES)}] bool tensor; got "
-                         f"{getattr(present, 'dtype', type(present).__name__)} {tuple(getattr(present, 'shape', ()))}")
+    _check_present(present)
     rows: list[list[bool]] = []
     owners: list[int] = []
     for b, flags in enumerate(present.tolist()):
@@ -309,7 +313,7 @@ def coalition_values(model: InspectionModel, batch: Batch) -> list[CoalitionValu
         raise ValueError(f"model must be an InspectionModel; got {type(model).__name__}")
     if not isinstance(batch, Batch) or len(batch) == 0:
         raise ValueError("batch must be a non-empty Batch (build it with model.batch(units))")
-    coalition_masks(batch.present)  # checks the presence mask's shape
+    _check_present(batch.present)
     empty_units = (~batch.present.any(dim=1)).nonzero(as_tuple=True)[0].tolist()
     if empty_units:
         raise ValueError(f"every unit needs at least one modality to explain; units at {empty_units} have none")
