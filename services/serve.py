@@ -250,8 +250,8 @@ class StreamService:
         self._tracker = OffsetTracker()
         self._arrivals: dict[str, tuple[float, float]] = {}
         self._assignment: set[TopicPartition] = set()
-        self._joined_once = False  # the first assignment of this member is its join, not a rebalance
-        self._rebalance_counted = False  # a revocation since the last assignment was counted as the rebalance
+        # the rebalance the next assignment completes is already counted (at its revocation; or it is the join)
+        self._rebalance_counted = True
         self._resume: dict[tuple[str, int], int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._retries: list[tuple[float, int, Outgoing]] = []
@@ -586,9 +586,8 @@ class StreamService:
         self._assignment = set(self._consumer.assignment())
         # a rebalance is counted at its revocation, as soon as the member hears of it; one whose revocation was
         # skipped (the member owned nothing, e.g. after the group went on without it) is counted here
-        if self._joined_once and not self._rebalance_counted:
+        if not self._rebalance_counted:
             self._count_rebalance()
-        self._joined_once = True
         self._rebalance_counted = False
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in self._assignment))
         if self._assignment:
