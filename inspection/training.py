@@ -47,6 +47,9 @@ class TrainConfig:
     warmup_frac: share of steps with a linear warm-up, then cosine decay to 0.
     class_weight, modality_weight: weights of the class and per-modality losses.
     label_smoothing: of the class loss.
+    soft_targets: train the defect logit towards each label's graded ``severity`` (e.g. ELPV's expert defect
+        probability 0, 1/3, 2/3, 1) where the label has one, instead of its 0/1 ``defect``; the score then
+        estimates the graded truth, and its 0.5 crossing the p >= 0.5 rule that defines a defect.
     augment: random flips / 90° rotations of images (solar cells and most parts look alike in any orientation)
         and a mild brightness/contrast jitter.
     grad_clip: global gradient norm clip.
@@ -70,6 +73,7 @@ class TrainConfig:
     class_weight: float = 0.5
     modality_weight: float = 0.3
     label_smoothing: float = 0.1
+    soft_targets: bool = False
     augment: bool = True
     grad_clip: float = 1.0
     amp: bool = True
@@ -105,8 +109,9 @@ class Targets:
     culprit: torch.Tensor
 
 
-def targets_for(units: Sequence[Unit], class_names: Sequence[str]) -> Targets:
-    """Targets from labels; every unit must be labelled with a class the model knows."""
+def targets_for(units: Sequence[Unit], class_names: Sequence[str], soft: bool = False) -> Targets:
+    """Targets from labels; every unit must be labelled with a class the model knows. ``soft`` takes the defect
+    target from the label's severity where it has one."""
     index = {c: i for i, c in enumerate(class_names)}
     defect, klass, culprit = [], [], []
     for u in units:
@@ -114,7 +119,7 @@ def targets_for(units: Sequence[Unit], class_names: Sequence[str]) -> Targets:
             raise DataError(f"unit {u.unit_id} has no label; supervised training needs labelled units")
         if u.label.defect_class not in index:
             raise DataError(f"unit {u.unit_id} has class {u.label.defect_class!r}; the model knows {list(class_names)}")
-        defect.append(float(u.label.defect))
+        defect.append(float(u.label.severity) if soft and u.label.severity is not None else float(u.label.defect))
         klass.append(index[u.label.defect_class])
         culprit.append([float(m in u.label.culprits) for m in MODALITIES])
     return Targets(torch.tensor(defect), torch.tensor(klass, dtype=torch.long), torch.tensor(culprit))
@@ -135,12 +140,14 @@ def drop_modalities(present: torch.Tensor, p: float, generator: torch.Generator)
 
 def visible_targets(t: Targets, visible: torch.Tensor, class_names: Sequence[str]) -> Targets:
     """Targets after hiding modalities: a defect whose every culprit is hidden is not visible, so the unit counts
-    as ``ok``; a ``multiple`` unit with one culprit left takes that culprit's class when the model has it."""
+    as ``ok``; a ``multiple`` unit with one culprit left takes that culprit's class when the model has it. Units
+    without culprits keep their targets (a graded ``ok`` keeps its soft defect target)."""
     culprit = t.culprit * visible.float()
     seen = culprit.sum(dim=1)
-    defect = (seen > 0).float()
+    hidden = (t.culprit.sum(dim=1) > 0) & (seen == 0)
+    defect = t.defect.masked_fill(hidden, 0.0)
     klass = t.klass.clone()
-    klass[seen == 0] = 0
+    klass[hidden] = 0
     changed = (seen > 0) & (seen < t.culprit.sum(dim=1))
     for i in changed.nonzero(as_tuple=True)[0].tolist():
         if seen[i] == 1:
@@ -165,7 +172,7 @@ class PreparedSet:
     """Units preprocessed once and collated into one big :class:`Batch` plus targets; batches are index slices."""
 
     def __init__(self, model: InspectionModel, units: Sequence[Unit], class_names: Sequence[str],
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, *, soft_targets: bool = False) -> None:
         if not units:
             raise DataError("no units to prepare")
         prepared = []
@@ -174,7 +181,7 @@ class PreparedSet:
             if progress:
                 progress(1)
         self.batch = model.collate(prepared, [u.line_id for u in units])
-        self.targets = targets_for(units, class_names)
+        self.targets = targets_for(units, class_names, soft_targets)
         self.unit_ids = [u.unit_id for u in units]
 
     def __len__(self) -> int:
@@ -386,8 +393,8 @@ def _val_metrics(model, val: PreparedSet, device, cfg: TrainConfig) -> dict[str,
     from sklearn.metrics import roc_auc_score
 
     pred = predict(model, val, device, amp=cfg.amp)
-    y = val.targets.defect.cpu().numpy()
-    out = {"val_accuracy": float(((pred["score"] >= 0.5) == (y > 0.5)).mean()),
+    y = val.targets.defect.cpu().numpy() > 0.5  # soft targets: p >= 0.5 is a defect (no target sits at 0.5)
+    out = {"val_accuracy": float(((pred["score"] >= 0.5) == y).mean()),
            "val_class_accuracy": float((pred["class_prob"].argmax(1) == val.targets.klass.cpu().numpy()).mean())}
     if 0 < y.sum() < len(y):
         out["val_auroc"] = float(roc_auc_score(y, pred["score"]))
@@ -433,8 +440,9 @@ def train_supervised(
     (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     bar = tqdm(total=len(train_units) + len(val_units or ()), desc="preprocess", unit="unit", disable=None if progress else True)
-    train = PreparedSet(model, train_units, model_config.class_names, bar.update)
-    val = PreparedSet(model, val_units, model_config.class_names, bar.update) if val_units else None
+    soft = cfg.soft_targets
+    train = PreparedSet(model, train_units, model_config.class_names, bar.update, soft_targets=soft)
+    val = PreparedSet(model, val_units, model_config.class_names, bar.update, soft_targets=soft) if val_units else None
     bar.close()
     fit_n = min(len(train), 2048)
     model.fit_normalisation(train.take(torch.arange(fit_n))[0])

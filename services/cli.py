@@ -447,7 +447,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.bench == "skab":
         raise ConfigError("SKAB uses its normal-only per-file protocol: run `inspection evaluate --bench skab`")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
-                      seed=args.seed, device=args.device, amp=not args.no_amp, ema_decay=args.ema_decay)
+                      seed=args.seed, device=args.device, amp=not args.no_amp, ema_decay=args.ema_decay,
+                      soft_targets=args.soft_targets)
     modalities = args.modalities.split(",") if args.modalities else None
     for seed in args.seeds or [args.seed]:
         version = train_bench(args.bench, seed, dataclasses.replace(cfg, seed=seed),
@@ -634,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ema-decay", type=float, default=0.0,
                     help="keep an exponential moving average of the weights with this decay and validate, select "
                          "and save it (0: off)")
+    tr.add_argument("--soft-targets", action="store_true",
+                    help="train the defect score towards each label's graded severity (ELPV: the experts' defect "
+                         "probability) instead of 0/1")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     tr.add_argument("--store", default="models", help="model store root")
     tr.add_argument("--out", default="runs", help="run folder root (checkpoints, curves)")

@@ -21,6 +21,7 @@ from inspection.training import (
     WeightAverage,
     drop_modalities,
     predict,
+    targets_for,
     train_supervised,
     visible_targets,
 )
@@ -118,6 +119,38 @@ def test_modality_dropout_keeps_one_and_targets_follow_visibility():
     assert v.defect.tolist() == [1.0, 0.0, 1.0, 0.0]  # unit 1's only culprit (vision) is hidden -> ok
     assert v.klass.tolist() == [2, 0, 4, 0]  # 'multiple' with only vibration left -> 'vibration'
     assert v.culprit[0].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_graded_targets_keep_their_severity_and_class():
+    """ELPV-style labels: a p = 1/3 cell is not a defect (no culprit) but keeps its own class and, with soft targets,
+    its graded defect target; hiding nothing changes neither."""
+    from datetime import UTC, datetime
+
+    import cv2
+
+    from inspection.records import Label, Unit, VisionReading
+
+    png = cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()
+    classes = ("ok", "p1_3", "p2_3", "p1")
+    grades = [(0.0, "ok"), (1 / 3, "p1_3"), (2 / 3, "p2_3"), (1.0, "p1")]
+    units = []
+    for i, (p, klass) in enumerate(grades):
+        reading = VisionReading(data=png, content_type="image/png", unit_id=f"u{i}", line_id="l",
+                                reading_id=f"u{i}-v", source="cam", event_time=datetime(2026, 1, 1, tzinfo=UTC))
+        label = Label(defect=p >= 0.5, defect_class=klass, culprits=frozenset({"vision"}) if p >= 0.5 else frozenset(),
+                      severity=p)
+        units.append(Unit(f"u{i}", "l", vision=reading, label=label))
+    hard, soft = targets_for(units, classes), targets_for(units, classes, soft=True)
+    assert hard.defect.tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert soft.defect.tolist() == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    everything = torch.ones(4, len(MODALITIES), dtype=torch.bool)
+    for t in (hard, soft):
+        v = visible_targets(t, everything, classes)
+        assert v.klass.tolist() == [0, 1, 2, 3]
+        assert v.defect.tolist() == t.defect.tolist()
+    hidden = visible_targets(soft, torch.zeros(4, len(MODALITIES), dtype=torch.bool), classes)
+    assert hidden.defect.tolist() == pytest.approx([0.0, 1 / 3, 0.0, 0.0])  # defects out of sight count as ok
+    assert hidden.klass.tolist() == [0, 1, 0, 0]
 
 
 def test_threshold_choice_closed_forms():
