@@ -19,17 +19,29 @@ per-channel scale learned from long normal recordings (:func:`learn_normal_drift
 largest ratio exceeds one margin for most of the last ``persistence`` rows. Scales and margin come only from
 normal data: the recording is cut into segments as long as a monitored run, and on each the detector is fitted
 on the first rows exactly as it will be in use.
+
+:class:`SlopeT2Detector` is a Hotelling T² on smoothed, standardised features for plants whose thermal channels
+wander far in normal operation while their *rates* of change stay typical: every channel enters as its level
+except the ``differenced`` ones (temperatures), which enter only as their ``lag``-row difference
+x[t] − x[t−lag]. Features are standardised with the fitting rows, constant ones dropped, smoothed causally (a
+trailing mean over ``window`` rows, or an exponential average with rate λ), and scored by T² against the mean and
+ridge-regularised covariance of the fitting rows' smoothed features. The threshold is a quantile of the fitting
+rows' own scores times a factor (with a trailing mean, the first fitting rows average fewer rows and score far
+higher than full windows, so a quantile near 1 is set by them: the threshold then sits at the T² of nearly
+unsmoothed rows, well above the smoothed rows' spread), and a persistence rule ("all" or "majority" of the last ``persistence`` raw
+alarms) decides each row. Every predicted row uses only itself and earlier rows; the detector keeps the context
+it needs, so later rows can be fed in chunks of any size, with the same result as one call.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from inspection.errors import ConfigError, NotCalibratedError
+from inspection.errors import ConfigError, DataError, NotCalibratedError
 
 
 @dataclass(frozen=True)
@@ -344,3 +356,322 @@ def learn_normal_drift(segments: Sequence[np.ndarray], config: DriftTrackingConf
         lo, hi = (mid, hi) if far(mid) > target_far else (lo, mid)
     return NormalDrift(scales=scales, margin=hi, far=far(hi))
 
+
+
+SMOOTHINGS: tuple[str, ...] = ("box", "ewma")
+"""Causal smoothings of :class:`SlopeT2Detector`: trailing mean, exponential average."""
+
+PERSISTENCE_RULES: tuple[str, ...] = ("all", "majority")
+"""Persistence rules: a row alarms iff all / more than half of the last ``persistence`` raw alarms are set."""
+
+#: Features whose fitting-row standard deviation is below this are constant there and dropped.
+_CONSTANT_STD = 1e-9
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SlopeT2Config:
+    """Attributes:
+    channels: names of the input columns, in order (for SKAB, ``inspection.data.skab.FEATURES``).
+    differenced: channels that enter only as their ``lag``-row difference x[t] − x[t−lag] (channels whose level
+        drifts in normal operation, e.g. temperatures); every other channel enters as its level. Features are
+        ordered: levels in input order, then differences in this order.
+    lag: rows between the two readings of a difference.
+    smoothing: ``"box"`` (trailing mean over ``window`` rows) or ``"ewma"`` (exponential average, rate ``rate``).
+    window: rows of the trailing mean (box only).
+    rate: weight λ of the newest row in the exponential average, in (0, 1] (ewma only).
+    warmup: first fitting rows an exponential average needs before its scores count (ewma only).
+    quantile: quantile of the fitting rows' own scores the threshold starts from, in (0, 1] (1 = their maximum).
+    factor: multiplier on that quantile.
+    rule: ``"all"`` (a row alarms iff its last ``persistence`` raw alarms are all set) or ``"majority"`` (more
+        than half of them; fewer rows at the start of the predicted rows).
+    persistence: rows the rule looks back over (1: the raw alarm).
+    ridge: added to the covariance diagonal, as a share of the mean feature variance (trace / features).
+    """
+
+    channels: tuple[str, ...]
+    differenced: tuple[str, ...] = ()
+    lag: int = 60
+    smoothing: str = "box"
+    window: int = 60
+    rate: float = 0.1
+    warmup: int = 60
+    quantile: float = 0.999
+    factor: float = 1.0
+    rule: str = "all"
+    persistence: int = 1
+    ridge: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "differenced"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, Sequence | np.ndarray):
+                raise ConfigError(f"SlopeT2Config.{name} must be a sequence of channel names; got {value!r}")
+            names = tuple(value)
+            if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+                raise ConfigError(f"SlopeT2Config.{name} must hold distinct non-empty names; got {names!r}")
+            object.__setattr__(self, name, names)
+        if not self.channels:
+            raise ConfigError("SlopeT2Config.channels must name at least one input column; got none")
+        unknown = [n for n in self.differenced if n not in self.channels]
+        if unknown:
+            raise ConfigError(f"SlopeT2Config.differenced names {unknown}, which are not among the channels "
+                              f"{self.channels}")
+        for name, low in (("lag", 1), ("window", 1), ("warmup", 0), ("persistence", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ConfigError(f"SlopeT2Config.{name} must be an integer >= {low}; got {value!r}")
+        if self.smoothing not in SMOOTHINGS:
+            raise ConfigError(f"SlopeT2Config.smoothing must be one of {SMOOTHINGS}; got {self.smoothing!r}")
+        if self.rule not in PERSISTENCE_RULES:
+            raise ConfigError(f"SlopeT2Config.rule must be one of {PERSISTENCE_RULES}; got {self.rule!r}")
+        if not (_is_number(self.rate) and 0 < self.rate <= 1):
+            raise ConfigError(f"SlopeT2Config.rate must be in (0, 1]; got {self.rate!r}")
+        if not (_is_number(self.quantile) and 0 < self.quantile <= 1):
+            raise ConfigError(f"SlopeT2Config.quantile must be in (0, 1]; got {self.quantile!r}")
+        if not (_is_number(self.factor) and math.isfinite(self.factor) and self.factor > 0):
+            raise ConfigError(f"SlopeT2Config.factor must be a finite number > 0; got {self.factor!r}")
+        if not (_is_number(self.ridge) and math.isfinite(self.ridge) and self.ridge >= 0):
+            raise ConfigError(f"SlopeT2Config.ridge must be a finite number >= 0; got {self.ridge!r}")
+
+    @property
+    def label(self) -> str:
+        """Short description of the free parameters, e.g. ``"lag 20, box 30, q 0.999 x 1.2, all 1"``."""
+        smooth = f"box {self.window}" if self.smoothing == "box" else f"ewma {self.rate:g}"
+        lag = f"lag {self.lag}, " if self.differenced else ""
+        return f"{lag}{smooth}, q {self.quantile:g} x {self.factor:g}, {self.rule} {self.persistence}"
+
+    def to_dict(self) -> dict:
+        """JSON-safe form; :meth:`from_dict` reads it back."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SlopeT2Config:
+        """Build from :meth:`to_dict` output; unknown keys are rejected."""
+        valid = sorted(f.name for f in fields(cls))
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown SlopeT2Config key(s) {unknown}; valid keys are {', '.join(valid)}")
+        return cls(**data)
+
+
+def persistent_alarms(raw: np.ndarray, rule: str, persistence: int) -> np.ndarray:
+    """Apply a persistence rule to raw alarms along the last axis.
+
+    Args:
+        raw: raw alarms, bool [..., T], the first row being the first one the rule may look at.
+        rule: ``"all"``: row i alarms iff rows i−persistence+1..i all alarm (rows with fewer earlier rows
+            never alarm); ``"majority"``: iff more than half of those rows alarm (fewer at the start).
+        persistence: rows the rule looks back over, >= 1.
+
+    Returns:
+        bool [..., T].
+    """
+    raw = np.asarray(raw, dtype=bool)
+    if rule not in PERSISTENCE_RULES:
+        raise ConfigError(f"persistence rule must be one of {PERSISTENCE_RULES}; got {rule!r}")
+    if not _is_int(persistence) or persistence < 1:
+        raise ConfigError(f"persistence must be an integer >= 1; got {persistence!r}")
+    if persistence == 1:
+        return raw.copy()
+    rows = raw.shape[-1]
+    c = np.cumsum(np.concatenate([np.zeros(raw.shape[:-1] + (1,), np.int64), raw], axis=-1, dtype=np.int64),
+                  axis=-1)
+    idx = np.arange(1, rows + 1)
+    if rule == "all":
+        out = np.zeros(raw.shape, dtype=bool)
+        full = idx >= persistence
+        out[..., full] = (c[..., idx[full]] - c[..., idx[full] - persistence]) == persistence
+        return out
+    lo = np.maximum(idx - persistence, 0)
+    return (c[..., idx] - c[..., lo]) / (idx - lo) > 0.5
+
+
+def _window_sums(padded: np.ndarray, window: int) -> np.ndarray:
+    """``[P, F]`` -> ``[P - window + 1, F]``: sums of each full ``window``-row window, added oldest row first, so
+    a row's sum depends only on the rows in its window (the same for any chunking of a stream)."""
+    rows = len(padded) - window + 1
+    acc = padded[:rows].copy()
+    for j in range(1, window):
+        acc += padded[j:j + rows]
+    return acc
+
+
+class SlopeT2Detector:
+    """Fit on a run's first normal rows, then score or classify its later rows as they arrive (see the module
+    docstring).
+
+    :meth:`score` and :meth:`predict` consume rows: each call's rows must directly follow the rows of the
+    previous call, or the fitting rows for the first call. The detector keeps the context it needs (the last
+    ``lag`` readings of the differenced channels, the smoothing's state, the last ``persistence − 1`` raw
+    alarms), so feeding rows in chunks gives the same result as one call. Persistence counts raw alarms from
+    the first row after the fitting rows.
+
+    Attributes (after :meth:`fit`):
+        features: names of the kept features (``"<channel>"`` levels, ``"d<lag> <channel>"`` differences).
+        fitted_scores: T² of the fitting rows, float64 [T_fit]; NaN during the ewma warm-up. For box smoothing
+            the first ``window − 1`` rows average the rows available, so they score far above full windows and
+            a ``quantile`` near 1 is set by them.
+        threshold: ``quantile`` of ``fitted_scores`` (NaN ignored) × ``factor``; a row's raw alarm is T² above it.
+    """
+
+    def __init__(self, config: SlopeT2Config) -> None:
+        if not isinstance(config, SlopeT2Config):
+            raise ConfigError(f"expected a SlopeT2Config; got {type(config).__name__}")
+        self.config = config
+        c = config
+        self._level_idx = [i for i, name in enumerate(c.channels) if name not in c.differenced]
+        self._diff_idx = [c.channels.index(name) for name in c.differenced]
+        self._fitted = False
+
+    def _check_rows(self, rows: np.ndarray, what: str) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.float64)
+        width = len(self.config.channels)
+        if rows.ndim != 2 or rows.shape[1] != width or len(rows) == 0:
+            raise DataError(f"{what}: expected [T, {width}] rows (T >= 1, columns {self.config.channels}); "
+                            f"got shape {rows.shape}")
+        if not bool(np.isfinite(rows).all()):
+            bad = int(np.argwhere(~np.isfinite(rows))[0, 0])
+            raise DataError(f"{what}: rows must be finite; row {bad} holds NaN or infinity")
+        return rows
+
+    def _min_fit_rows(self) -> int:
+        c = self.config
+        lead = c.window - 1 if c.smoothing == "box" else c.warmup
+        return max(lead, c.lag if self._diff_idx else 0) + len(self._level_idx) + len(self._diff_idx) + 2
+
+    def fit(self, normal: np.ndarray) -> SlopeT2Detector:
+        """Fit on ``[T, C]`` normal rows (columns in ``config.channels`` order); resets the stream.
+
+        The first ``lag`` rows, which have no reading ``lag`` rows earlier, take the fitting part's first
+        difference x[lag] − x[0]. The mean and covariance come from the smoothed rows with a full window (box)
+        or after the warm-up (ewma).
+
+        Raises:
+            DataError: rows of the wrong shape or not finite.
+            ConfigError: too few rows for the configuration, or every feature constant.
+        """
+        c = self.config
+        normal = self._check_rows(normal, "fit")
+        need = self._min_fit_rows()
+        if len(normal) < need:
+            raise ConfigError(f"need at least {need} fitting rows for lag {c.lag}, {c.smoothing} smoothing "
+                              f"(window {c.window}, warm-up {c.warmup}) and "
+                              f"{len(self._level_idx) + len(self._diff_idx)} features; got {len(normal)}")
+        levels = normal[:, self._level_idx]
+        if self._diff_idx:
+            thermal = normal[:, self._diff_idx]
+            first = np.repeat((thermal[c.lag] - thermal[0])[None], c.lag, axis=0)
+            diffs = np.vstack([first, thermal[c.lag:] - thermal[:-c.lag]])
+            feats = np.hstack([levels, diffs])  # [T, F_all]
+        else:
+            feats = levels
+        names = [c.channels[i] for i in self._level_idx] + [f"d{c.lag} {c.channels[i]}" for i in self._diff_idx]
+        std = feats.std(axis=0)
+        keep = std >= _CONSTANT_STD
+        if not bool(keep.any()):
+            raise ConfigError(f"every feature {names} is constant over the {len(normal)} fitting rows")
+        self.features = [n for n, k in zip(names, keep, strict=True) if k]
+        self._keep = keep
+        self._mean = feats.mean(axis=0)[keep]
+        self._std = std[keep]
+        z = (feats[:, keep] - self._mean) / self._std  # [T, F]
+        if c.smoothing == "box":
+            padded = np.vstack([np.zeros((c.window - 1, z.shape[1])), z])
+            counts = np.minimum(np.arange(1, len(z) + 1), c.window)[:, None]
+            smooth = _window_sums(padded, c.window) / counts
+            reference = smooth[c.window - 1:]
+            self._z_tail = z[len(z) - (c.window - 1):]
+        else:
+            smooth, self._ewma = self._exponential(z, z[0].copy())
+            reference = smooth[c.warmup:]
+        self._center = reference.mean(axis=0)
+        cov = np.atleast_2d(np.cov(reference - self._center, rowvar=False))
+        cov = cov + c.ridge * np.trace(cov) / len(cov) * np.eye(len(cov))
+        try:
+            self._inverse = np.linalg.inv(cov)
+        except np.linalg.LinAlgError as exc:
+            raise ConfigError(f"the covariance of the fitting rows' features {self.features} is singular; "
+                              "set ridge > 0") from exc
+        scores = self._t2(smooth)
+        if c.smoothing == "ewma":
+            scores[:c.warmup] = np.nan
+        scores.flags.writeable = False
+        self.fitted_scores = scores
+        self.threshold = float(np.nanquantile(scores, c.quantile)) * c.factor
+        self._diff_tail = normal[len(normal) - c.lag:][:, self._diff_idx]
+        self._raw_tail = np.zeros(0, dtype=bool)
+        self._fitted = True
+        return self
+
+    def _exponential(self, z: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rate = self.config.rate
+        out = np.empty_like(z)
+        for t in range(len(z)):
+            state = rate * z[t] + (1 - rate) * state
+            out[t] = state
+        return out, state
+
+    def _t2(self, smooth: np.ndarray) -> np.ndarray:
+        d = smooth - self._center  # [T, F]
+        return np.einsum("ti,ij,tj->t", d, self._inverse, d)
+
+    def _advance(self, rows: np.ndarray) -> np.ndarray:
+        """T² of ``rows`` (which follow the rows seen so far); updates the stream state."""
+        if not self._fitted:
+            raise NotCalibratedError("the detector has not been fitted on normal rows; call fit() first")
+        c = self.config
+        rows = self._check_rows(rows, "score")
+        levels = rows[:, self._level_idx]
+        if self._diff_idx:
+            thermal = np.vstack([self._diff_tail, rows[:, self._diff_idx]])
+            feats = np.hstack([levels, thermal[c.lag:] - thermal[:-c.lag]])
+            diff_tail = thermal[len(thermal) - c.lag:]
+        else:
+            feats, diff_tail = levels, self._diff_tail
+        z = (feats[:, self._keep] - self._mean) / self._std  # [T, F]
+        if c.smoothing == "box":
+            padded = np.vstack([self._z_tail, z])
+            smooth = _window_sums(padded, c.window) / c.window
+            self._z_tail = padded[len(padded) - (c.window - 1):]
+        else:
+            smooth, self._ewma = self._exponential(z, self._ewma)
+        self._diff_tail = diff_tail
+        return self._t2(smooth)
+
+    def _remember(self, raw: np.ndarray) -> None:
+        keep = self.config.persistence - 1
+        self._raw_tail = np.concatenate([self._raw_tail, raw])[max(0, len(self._raw_tail) + len(raw) - keep):]
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        """``[T]`` T² of ``[T, C]`` rows that follow the rows seen so far (above ``threshold``: a raw alarm).
+
+        Raises:
+            NotCalibratedError: before :meth:`fit`.
+            DataError: rows of the wrong shape or not finite.
+        """
+        t2 = self._advance(rows)
+        self._remember(t2 > self.threshold)
+        return t2
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        """``[T]`` int8 alarms of ``[T, C]`` rows that follow the rows seen so far: the persistence rule over
+        the raw alarms (T² > ``threshold``) of the rows predicted or scored since :meth:`fit`.
+
+        Raises:
+            NotCalibratedError: before :meth:`fit`.
+            DataError: rows of the wrong shape or not finite.
+        """
+        raw = self._advance(rows) > self.threshold
+        history = self._raw_tail
+        alarms = persistent_alarms(np.concatenate([history, raw]), self.config.rule, self.config.persistence)
+        self._remember(raw)
+        return alarms[len(history):].astype(np.int8)

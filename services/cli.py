@@ -513,7 +513,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from inspection.skab_protocol import evaluate_skab
 
         path = evaluate_skab(results_dir=args.results, seed=args.seeds[0] if args.seeds else 0,
-                             target_far=args.target_far)
+                             detector=args.detector, target_far=args.target_far)
     else:
         from inspection.experiments import evaluate_bench
 
@@ -665,8 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--results", default="bench/results")
     ev.add_argument("--plots", default="runs/plots")
     ev.add_argument("--note", help="a fact the result must state (recorded in its summary)")
+    ev.add_argument("--detector", choices=["slope-t2", "drift"], default="slope-t2",
+                    help="skab: slope-t2 (T² on levels + temperature differences, chosen leave-one-folder-out) "
+                         "or drift (drift-tracking, calibrated on the anomaly-free run)")
     ev.add_argument("--target-far", type=float, default=0.10,
-                    help="skab: false-alarm rate the detector's limits are calibrated to on the anomaly-free run")
+                    help="skab --detector drift: false-alarm rate the detector's limits are calibrated to on the "
+                         "anomaly-free run")
     ev.set_defaults(func=cmd_evaluate)
 
     mo = sub.add_parser("models", help="list, promote or roll back stored model versions")

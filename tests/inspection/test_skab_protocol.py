@@ -1,0 +1,314 @@
+"""The slope-T² detector and SKAB's leave-one-folder-out selection: closed forms, causality, streaming, real SKAB
+rows with injected faults, and the evaluate command against the published reproduction anchors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from inspection.anomaly import SlopeT2Config, SlopeT2Detector, persistent_alarms
+from inspection.errors import ConfigError, DataError, NotCalibratedError
+
+TRAIN_ROWS = 400
+#: Rows of an anomaly-free segment: about a labelled file.
+SEGMENT_ROWS = 1150
+#: Injected step: test rows FAULT_START..FAULT_STOP of each segment, this many fitting-part standard deviations.
+FAULT_START, FAULT_STOP, FAULT_SIZE = 170, 570, 6.0
+#: A fault counts as caught when at least this share of its rows alarm once the 60-row window has filled.
+CAUGHT_SHARE = 0.9
+#: "Mostly quiet": at most this share of an unmodified normal run's rows alarm. Normal SKAB operation drifts
+#: after the 400 fitting rows, so a T² fitted on them alarms on some of it; a third is the most we accept.
+QUIET_SHARE = 1 / 3
+#: Scores of chunked and one-call streams: the same arithmetic on the same windows, so equal up to rounding of
+#: the quadratic form (far below any threshold gap that matters).
+STREAM_RTOL = 1e-12
+
+#: Published reproduction anchors of the leave-one-folder-out protocol over the 4,752-configuration grid.
+ANCHOR_COUNTS = {"tp": 9824, "fp": 1213, "tn": 9817, "fn": 2947}
+ANCHOR_CHOICES = {
+    "valve1": {"lag": 20, "smoothing": "box", "window": 30, "quantile": 0.999, "factor": 1.2, "rule": "all",
+               "persistence": 1},
+    "valve2": {"lag": 60, "smoothing": "box", "window": 60, "quantile": 1.0, "factor": 0.8, "rule": "all",
+               "persistence": 1},
+    "other": {"lag": 60, "smoothing": "box", "window": 60, "quantile": 0.999, "factor": 1.1, "rule": "all",
+              "persistence": 1},
+}
+SUMMARY_KEYS = {"benchmark", "metric", "value", "far", "mar", "baselines", "split", "seed", "model_version",
+                "machine", "commit", "command", "date"}
+
+
+def _skab():
+    from inspection.data import skab
+
+    return skab
+
+
+@pytest.fixture(scope="module")
+def skab_files():
+    try:
+        return _skab().load_skab()
+    except DataError as exc:
+        pytest.skip(f"SKAB folder not available: {exc}")
+
+
+@pytest.fixture(scope="module")
+def free_segments() -> list[np.ndarray]:
+    try:
+        free = _skab().load_skab_anomaly_free().values
+    except DataError as exc:
+        pytest.skip(f"SKAB folder not available: {exc}")
+    return [free[s:s + SEGMENT_ROWS] for s in range(0, len(free) - SEGMENT_ROWS + 1, SEGMENT_ROWS)]
+
+
+def skab_config(**params) -> SlopeT2Config:
+    from inspection.skab_protocol import skab_slope_config
+
+    return skab_slope_config(**params)
+
+
+def plant(rng: np.random.Generator, rows: int = 900) -> tuple[np.ndarray, tuple[str, ...]]:
+    """[rows, 4] synthetic rows: two steady channels, one warming channel, one noisy channel."""
+    t = np.arange(rows)
+    x = np.column_stack([
+        5.0 + rng.normal(0, 1.0, rows),
+        -1.0 + rng.normal(0, 0.3, rows),
+        20.0 + 0.01 * t + rng.normal(0, 0.2, rows),
+        rng.normal(0, 2.0, rows),
+    ])
+    return x, ("a", "b", "temp", "c")
+
+
+# ------------------------------------------------------------------------------------------ closed forms
+def test_persistence_rules_match_their_definitions():
+    raw = np.array([1, 1, 0, 1, 1, 1, 0, 0, 1], dtype=bool)
+    np.testing.assert_array_equal(persistent_alarms(raw, "all", 1), raw)
+    # all 3: rows 0 and 1 have fewer than 3 rows; row 5 is the only one closing three set rows
+    np.testing.assert_array_equal(persistent_alarms(raw, "all", 3), [0, 0, 0, 0, 0, 1, 0, 0, 0])
+    # majority 3: more than half of the available rows (1, 2, then 3)
+    np.testing.assert_array_equal(persistent_alarms(raw, "majority", 3), [1, 1, 1, 1, 1, 1, 1, 0, 0])
+    stacked = persistent_alarms(np.stack([raw, ~raw]), "all", 2)  # rules act on the last axis
+    np.testing.assert_array_equal(stacked[1], persistent_alarms(~raw, "all", 2))
+    with pytest.raises(ConfigError, match="rule"):
+        persistent_alarms(raw, "any", 3)
+
+
+def test_a_level_shift_scores_as_its_closed_form_t2():
+    """One channel, box window 1, no ridge: T² of a row is ((x − mean) / std − c)² / var of the standardised
+    fitting rows (ddof 1), i.e. ((x − mean)² / var_ddof1) since c = 0."""
+    rng = np.random.default_rng(0)
+    fit = rng.normal(3.0, 2.0, (200, 1))
+    det = SlopeT2Detector(SlopeT2Config(channels=("a",), window=1, ridge=0.0, quantile=1.0)).fit(fit)
+    rows = np.array([[3.0], [7.0], [-1.0]])
+    expected = (rows[:, 0] - fit.mean()) ** 2 / fit.var(ddof=1)
+    np.testing.assert_allclose(det.score(rows), expected, rtol=1e-10)
+    assert det.threshold == pytest.approx(float(np.max(det.fitted_scores)))
+
+
+# ------------------------------------------------------------------------------------------ causality, streams
+@pytest.mark.parametrize("params", [
+    {"lag": 20, "smoothing": "box", "window": 30},
+    {"lag": 60, "smoothing": "ewma", "rate": 0.1, "rule": "majority", "persistence": 15, "quantile": 0.99},
+    {"lag": 30, "smoothing": "box", "window": 10, "rule": "all", "persistence": 10, "factor": 0.8},
+])
+def test_predictions_use_only_earlier_rows(params):
+    rng = np.random.default_rng(1)
+    x, names = plant(rng)
+    config = SlopeT2Config(channels=names, differenced=("temp",), **params)
+    test = x[TRAIN_ROWS:]
+    ref_scores = SlopeT2Detector(config).fit(x[:TRAIN_ROWS]).score(test)
+    ref = SlopeT2Detector(config).fit(x[:TRAIN_ROWS]).predict(test)
+    for i in (0, 37, 250):
+        changed = test.copy()
+        changed[i + 1:] = rng.normal(50.0, 30.0, changed[i + 1:].shape)  # a wild future
+        det = SlopeT2Detector(config).fit(x[:TRAIN_ROWS])
+        scores = det.score(changed)
+        np.testing.assert_array_equal(scores[:i + 1], ref_scores[:i + 1])
+        assert not np.allclose(scores[i + 1:], ref_scores[i + 1:])  # the future did change
+        pred = SlopeT2Detector(config).fit(x[:TRAIN_ROWS]).predict(changed)
+        np.testing.assert_array_equal(pred[:i + 1], ref[:i + 1])
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("params", [
+    {"lag": 20, "smoothing": "box", "window": 30, "quantile": 0.999, "factor": 1.2},
+    {"lag": 30, "smoothing": "ewma", "rate": 0.05, "quantile": 0.99, "factor": 1.5, "rule": "majority",
+     "persistence": 15},
+    {"lag": 60, "smoothing": "box", "window": 60, "quantile": 1.0, "factor": 0.8, "rule": "all",
+     "persistence": 30},
+])
+def test_feeding_rows_in_chunks_equals_one_call(skab_files, params):
+    config = skab_config(**params)
+    checked = 0
+    for f in skab_files[::5]:
+        train, test = f.values[:TRAIN_ROWS], f.values[TRAIN_ROWS:]
+        whole = SlopeT2Detector(config).fit(train)
+        one_pred = whole.predict(test)
+        one_scores = SlopeT2Detector(config).fit(train).score(test)
+        for cuts in ((1,), (7, 8, 300), (len(test) // 2,)):
+            det = SlopeT2Detector(config).fit(train)
+            parts = np.split(np.arange(len(test)), cuts)
+            pred = np.concatenate([det.predict(test[p]) for p in parts])
+            np.testing.assert_array_equal(pred, one_pred, err_msg=f"{f.name} cut at {cuts}")
+            det = SlopeT2Detector(config).fit(train)
+            scores = np.concatenate([det.score(test[p]) for p in parts])
+            np.testing.assert_allclose(scores, one_scores, rtol=STREAM_RTOL)
+        # scoring a chunk advances the persistence history just like predicting it
+        det = SlopeT2Detector(config).fit(train)
+        det.score(test[:100])
+        np.testing.assert_array_equal(det.predict(test[100:]), one_pred[100:])
+        checked += int(one_pred.any())
+    assert checked > 0  # some files alarm, so the persistence history was exercised
+
+
+# ------------------------------------------------------------------------------------------ real SKAB rows
+@pytest.mark.data
+def test_a_step_fault_on_real_normal_rows_alarms_and_unmodified_rows_stay_mostly_quiet(free_segments):
+    skab = _skab()
+    config = skab_config(**ANCHOR_CHOICES["other"])
+    settle = config.window  # rows for the trailing mean to fill with faulty rows
+    caught, quiet, unmodified_in_window = [], [], []
+    for seg in free_segments:
+        clean = SlopeT2Detector(config).fit(seg[:TRAIN_ROWS]).predict(seg[TRAIN_ROWS:])
+        quiet.append(clean)
+        unmodified_in_window.append(clean[FAULT_START + settle:FAULT_STOP])
+        for channel in ("Current", "Pressure"):
+            j = skab.FEATURES.index(channel)
+            x = seg.copy()
+            rows = slice(TRAIN_ROWS + FAULT_START, TRAIN_ROWS + FAULT_STOP)
+            x[rows, j] += FAULT_SIZE * seg[:TRAIN_ROWS, j].std()
+            pred = SlopeT2Detector(config).fit(x[:TRAIN_ROWS]).predict(x[TRAIN_ROWS:])
+            caught.append(pred[FAULT_START + settle:FAULT_STOP])
+    assert len(free_segments) >= 8
+    hit = np.concatenate(caught).mean()
+    assert hit >= CAUGHT_SHARE
+    assert np.concatenate(quiet).mean() <= QUIET_SHARE
+    assert hit - np.concatenate(unmodified_in_window).mean() >= 0.5
+
+
+@pytest.mark.data
+def test_selection_never_looks_at_the_held_out_folders_labels(skab_files):
+    from inspection.skab_protocol import SelectionGrid, leave_one_folder_out, sweep_grid
+
+    skab = _skab()
+    grid = SelectionGrid()
+    before = {c.folder: c for c in leave_one_folder_out(sweep_grid(skab_files, grid))}
+    for held in ("valve2", "other"):
+        rng = np.random.default_rng(7)
+        changed = []
+        for f in skab_files:
+            if f.name.startswith(held + "/"):
+                labels = np.array(f.anomaly)
+                labels[TRAIN_ROWS:] = 1 - labels[TRAIN_ROWS:]  # flip every scored label ...
+                labels[TRAIN_ROWS + rng.integers(0, 50, 10)] ^= 1  # ... and perturb a few back
+                f = skab.SkabFile(name=f.name, times=f.times, values=f.values, anomaly=labels,
+                                  changepoint=f.changepoint)
+            changed.append(f)
+        after = {c.folder: c for c in leave_one_folder_out(sweep_grid(changed, grid))}
+        assert after[held].config == before[held].config
+        assert after[held].f1_other_folders == before[held].f1_other_folders
+        assert not np.array_equal(after[held].held_out, before[held].held_out)  # its labels did change
+        others = [g for g in before if g != held]
+        # the other folders' selections do see these labels
+        assert any(after[g].f1_other_folders != before[g].f1_other_folders for g in others)
+
+
+@pytest.mark.data
+def test_evaluate_command_writes_skab_json_reproducing_the_anchors(skab_files, tmp_path):
+    from services.cli import main
+
+    assert main(["evaluate", "--bench", "skab", "--results", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "skab.json").read_text())
+    summary = result["summary"]
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["benchmark"] == "skab"
+    assert summary["value"] > 0.78
+    assert result["counts"] == ANCHOR_COUNTS
+    tp, fp, tn, fn = (ANCHOR_COUNTS[k] for k in ("tp", "fp", "tn", "fn"))
+    assert summary["value"] == pytest.approx(tp / (tp + (fp + fn) / 2))
+    assert summary["far"] == pytest.approx(100 * fp / (fp + tn))
+    assert summary["mar"] == pytest.approx(100 * fn / (fn + tp))
+    assert summary["baselines"]["T-squared, this harness"] == pytest.approx(0.66, abs=0.005)
+    selection = summary["selection"]
+    assert selection["grid_size"] == 4752
+    for folder, expected in ANCHOR_CHOICES.items():
+        chosen = SlopeT2Config.from_dict(selection["per_folder"][folder]["detector"])
+        assert {k: getattr(chosen, k) for k in expected} == expected, folder
+    per_folder_counts = {k: sum(v["held_out"][k] for v in selection["per_folder"].values())
+                         for k in ANCHOR_COUNTS}
+    assert per_folder_counts == ANCHOR_COUNTS
+    assert "in-sample" in selection["deployment"]["chosen"]
+    assert len(result["per_file"]) == 34
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("bad, match", [
+    ({"channels": ()}, "at least one"),
+    ({"channels": "abc"}, "sequence of channel names"),
+    ({"channels": ("a", "a")}, "distinct"),
+    ({"differenced": ("zz",)}, "not among the channels"),
+    ({"lag": 0}, "lag"),
+    ({"window": 2.5}, "window"),
+    ({"persistence": True}, "persistence"),
+    ({"smoothing": "median"}, "smoothing"),
+    ({"rule": "any"}, "rule"),
+    ({"rate": 0.0}, "rate"),
+    ({"quantile": 1.5}, "quantile"),
+    ({"factor": -1.0}, "factor"),
+    ({"ridge": float("nan")}, "ridge"),
+])
+def test_config_rejects_bad_values(bad, match):
+    params = {"channels": ("a", "b", "temp"), "differenced": ("temp",)} | bad
+    with pytest.raises(ConfigError, match=match):
+        SlopeT2Config(**params)
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    config = SlopeT2Config(channels=("a", "temp"), differenced=("temp",), lag=20, smoothing="ewma", rate=0.2)
+    assert SlopeT2Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match="unknown SlopeT2Config key.*valid keys"):
+        SlopeT2Config.from_dict({**config.to_dict(), "threshold": 3.0})
+
+
+def test_detector_fails_loudly_on_bad_rows_and_before_fit():
+    rng = np.random.default_rng(2)
+    x, names = plant(rng)
+    config = SlopeT2Config(channels=names, differenced=("temp",), lag=20, window=30)
+    with pytest.raises(NotCalibratedError, match="fit"):
+        SlopeT2Detector(config).predict(x)
+    with pytest.raises(ConfigError, match="fitting rows"):
+        SlopeT2Detector(config).fit(x[:30])
+    with pytest.raises(DataError, match=r"\[T, 4\]"):
+        SlopeT2Detector(config).fit(x[:TRAIN_ROWS, :3])
+    bad = x[:TRAIN_ROWS].copy()
+    bad[17, 2] = np.nan
+    with pytest.raises(DataError, match="row 17"):
+        SlopeT2Detector(config).fit(bad)
+    det = SlopeT2Detector(config).fit(x[:TRAIN_ROWS])
+    with pytest.raises(DataError, match=r"\[T, 4\]"):
+        det.predict(x[TRAIN_ROWS:, :2])
+    constant = np.column_stack([np.ones(TRAIN_ROWS), np.full(TRAIN_ROWS, 2.0), np.full(TRAIN_ROWS, 3.0),
+                                np.zeros(TRAIN_ROWS)])
+    with pytest.raises(ConfigError, match="constant"):
+        SlopeT2Detector(config).fit(constant)
+    # a constant channel is dropped, the rest still scores
+    partly = x[:TRAIN_ROWS].copy()
+    partly[:, 0] = 5.0
+    det = SlopeT2Detector(config).fit(partly)
+    assert det.features == ["b", "c", "d20 temp"]
+
+
+def test_evaluate_rejects_unknown_detector_and_mixed_options(tmp_path):
+    from inspection.anomaly import DriftTrackingConfig
+    from inspection.skab_protocol import SelectionGrid, evaluate_skab
+
+    with pytest.raises(ConfigError, match="slope-t2, drift"):
+        evaluate_skab(results_dir=tmp_path, detector="conv-ae")
+    with pytest.raises(ConfigError, match="drift detector's"):
+        evaluate_skab(results_dir=tmp_path, config=DriftTrackingConfig())
+    with pytest.raises(ConfigError, match="slope-t2 detector only"):
+        evaluate_skab(results_dir=tmp_path, detector="drift", grid=SelectionGrid())
+    with pytest.raises(ConfigError, match="persistences"):
+        dataclasses.replace(SelectionGrid(), persistences=(("any", 3),))
