@@ -2,7 +2,9 @@
 
 Three methods: ``max_f1`` (the threshold that maximises F1 on validation units), ``far`` (the lowest threshold
 whose false-alarm rate on good validation units is at most ``target_far``) and ``max_accuracy`` (for benchmarks
-whose headline is accuracy). A line with too few validation units,
+whose headline is accuracy). :func:`fixed_calibration` instead sets one given threshold for every line, with no
+validation data (for a score that is itself a probability with a meaningful cut, e.g. ELPV's p >= 0.5 on a score
+trained towards the experts' defect probability). A line with too few validation units,
 or without both classes for max-F1, uses the default threshold fitted on all validation units; the model's
 ``*`` line is that default and serves every line it has never seen.
 """
@@ -117,3 +119,19 @@ def calibrate(model: InspectionModel, scores: np.ndarray, labels: np.ndarray, li
     payload = json.dumps({"thresholds": thresholds, "method": method, "target_far": target_far}, sort_keys=True)
     version = "t-" + hashlib.sha256(payload.encode()).hexdigest()[:10]
     return model, Calibration(thresholds, method, target_far if method == "far" else None, version, n_units)
+
+
+def fixed_calibration(model: InspectionModel, threshold: float) -> tuple[InspectionModel, Calibration]:
+    """Give a model one threshold for every line (method ``fixed``), chosen without validation data."""
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"a fixed threshold is a defect probability in (0, 1); got {threshold}")
+    if model.config.lines != (DEFAULT_LINE,):
+        new = InspectionModel(replace(model.config, lines=(DEFAULT_LINE,)))
+        new.load_state_dict({k: v for k, v in model.state_dict().items() if k != "thresholds"}, strict=False)
+        model = new
+    with torch.no_grad():
+        model.thresholds.fill_(float(threshold))
+    thresholds = {DEFAULT_LINE: float(threshold)}
+    payload = json.dumps({"thresholds": thresholds, "method": "fixed", "target_far": None}, sort_keys=True)
+    version = "t-" + hashlib.sha256(payload.encode()).hexdigest()[:10]
+    return model, Calibration(thresholds, "fixed", None, version, {DEFAULT_LINE: 0})

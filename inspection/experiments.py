@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from inspection.benches import BenchData, default_model_config, load_bench
-from inspection.calibration import calibrate
+from inspection.calibration import Calibration, calibrate, fixed_calibration
 from inspection.errors import ConfigError, StoreError
 from inspection.evaluation import (
     ANCHORS,
@@ -44,9 +44,9 @@ def _ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
-def _data_card(data: BenchData) -> dict:
+def _data_card(data: BenchData, val_fraction: float | None = None) -> dict:
     return {
-        "bench": data.bench, "seed": data.seed, "notes": list(data.notes),
+        "bench": data.bench, "seed": data.seed, "notes": list(data.notes), "val_fraction": val_fraction,
         "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
         "train_ids_sha256": _ids_digest([u.unit_id for u in data.train]),
         "val_ids": [u.unit_id for u in data.val], "test_ids": [u.unit_id for u in data.test],
@@ -66,8 +66,13 @@ def model_from_version(version: ModelVersion, store: ModelStore) -> InspectionMo
     return load_model(store, version.version)[0]
 
 
-def bench_data(bench: str, seed: int, card_data: dict | None = None) -> BenchData:
-    data = load_bench(bench, seed)
+def bench_data(bench: str, seed: int, card_data: dict | None = None, val_fraction: float | None = None) -> BenchData:
+    """A bench split; with a model card's data section, the split that model was trained on (checked)."""
+    if card_data is not None and card_data.get("val_fraction") is not None:
+        val_fraction = card_data["val_fraction"]
+    if val_fraction is not None and bench != "elpv":
+        raise ConfigError(f"a validation fraction applies to elpv only; {bench} validates on whole recordings/sources")
+    data = load_bench(bench, seed, **({} if val_fraction is None else {"val_fraction": val_fraction}))
     if card_data is not None and _ids_digest([u.unit_id for u in data.train]) != card_data["train_ids_sha256"]:
         raise ConfigError(f"the {bench} split for seed {seed} differs from the one this model was trained on")
     return data
@@ -75,9 +80,11 @@ def bench_data(bench: str, seed: int, card_data: dict | None = None) -> BenchDat
 
 def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Path | str, out_root: Path | str,
                 modalities: Sequence[str] | None = None, dim: int = 256, image_size: int = 224, moe: bool = True,
-                resume: bool = False, progress: bool = True, overrides: Sequence[str] = ()) -> ModelVersion:
-    """Train one model on a bench split and save it (uncalibrated) to its store."""
-    data = bench_data(bench, seed)
+                resume: bool = False, progress: bool = True, overrides: Sequence[str] = (),
+                val_fraction: float | None = None) -> ModelVersion:
+    """Train one model on a bench split and save it (uncalibrated) to its store. ``val_fraction`` (elpv only)
+    sets the share of the training split held out for validation; 0 trains on all of it."""
+    data = bench_data(bench, seed, val_fraction=val_fraction)
     if modalities:
         unknown = set(modalities) - set(MODALITIES)
         if unknown:
@@ -94,7 +101,7 @@ def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Pa
     card = {
         "name": name, "bench": bench, "seed": seed, "mode": "supervised", "modalities": list(cfg.modalities),
         "model_config": cfg.to_dict(), "train_config": json.loads((out_dir / "train_config.json").read_text()),
-        "data": _data_card(data), "history": result.history, "train_seconds": round(result.seconds, 1),
+        "data": _data_card(data, val_fraction), "history": result.history, "train_seconds": round(result.seconds, 1),
         "threshold_version": None,
     }
     store = ModelStore(Path(store_root) / name)
@@ -104,14 +111,25 @@ def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Pa
 
 
 def calibrate_version(store_root: Path | str, name: str, version: str | None = None, *, method: str = "max_f1",
-                      target_far: float = 0.01, device: str = "cpu") -> ModelVersion:
-    """Calibrate a stored model on its bench's validation units; saves a new, promoted version."""
+                      target_far: float = 0.01, device: str = "cpu", threshold: float | None = None) -> ModelVersion:
+    """Calibrate a stored model on its bench's validation units (``method="fixed"``: set ``threshold`` for every
+    line, no validation data); saves a new, promoted version."""
     store = ModelStore(Path(store_root) / name)
     base = store.get(version) if version else store.promoted()
     if base is None:
         raise StoreError(f"no model in {store.root}; train one first (`inspection train`)")
     model, card = load_model(store, base.version)
+    if method == "fixed":
+        if threshold is None:
+            raise ConfigError("method 'fixed' needs a threshold (--threshold)")
+        model, cal = fixed_calibration(model, threshold)
+        return _save_calibrated(store, base, model, card, cal)
+    if threshold is not None:
+        raise ConfigError(f"a threshold is given only with method 'fixed'; {method!r} chooses it on validation data")
     data = bench_data(card["bench"], card["seed"], card["data"])
+    if not data.val:
+        raise ConfigError(f"model {base.version} was trained without validation units (validation fraction 0): "
+                          "calibrate it with --method fixed --threshold T")
     drop = [m for m in MODALITIES if m not in card["modalities"]]
     val = [u.without(*drop) for u in data.val] if drop else data.val
     model.to(device)
@@ -122,6 +140,11 @@ def calibrate_version(store_root: Path | str, name: str, version: str | None = N
     seen = set(card["modalities"])
     labels = np.array([bool(u.label.culprits & seen) for u in val])
     model, cal = calibrate(model.cpu(), pred["score"], labels, [u.line_id for u in val], method, target_far)
+    return _save_calibrated(store, base, model, card, cal)
+
+
+def _save_calibrated(store: ModelStore, base: ModelVersion, model: InspectionModel, card: dict,
+                     cal: Calibration) -> ModelVersion:
     card = {k: v for k, v in card.items() if k not in ("version", "created", "weights_file", "weights_sha256",
                                                         "weights_bytes", "tensors", "format")}
     card.update(model_config=model.config.to_dict(), threshold_version=cal.version, calibration=cal.to_dict(),

@@ -454,7 +454,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         version = train_bench(args.bench, seed, dataclasses.replace(cfg, seed=seed),
                               store_root=args.store, out_root=args.out, modalities=modalities, dim=args.dim,
                               image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
-                              overrides=args.model_set)
+                              overrides=args.model_set, val_fraction=args.val_fraction)
         last = version.card["history"][-1]
         print(json.dumps({"bench": args.bench, "seed": seed, "version": version.version, "store": str(version.path),
                           "last_epoch": last}, default=str), flush=True)
@@ -474,7 +474,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         targets = [args.version] if args.version else _uncalibrated_latest(store, args.seeds)
         for version in targets:
             v = calibrate_version(args.store, name, version, method=args.method, target_far=args.target_far,
-                                  device=args.device)
+                                  device=args.device, threshold=args.threshold)
             print(json.dumps({"model": name, "from": version, "version": v.version,
                               "calibration": v.card["calibration"]}, default=_plain_json), flush=True)
     return 0
@@ -635,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ema-decay", type=float, default=0.0,
                     help="keep an exponential moving average of the weights with this decay and validate, select "
                          "and save it (0: off)")
+    tr.add_argument("--val-fraction", type=float,
+                    help="elpv: share of the training split held out for validation (default 0.15); 0 trains on all "
+                         "of it, without epoch selection (calibrate with --method fixed)")
     tr.add_argument("--soft-targets", action="store_true",
                     help="train the defect score towards each label's graded severity (ELPV: the experts' defect "
                          "probability) instead of 0/1")
@@ -650,7 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--all-baselines", action="store_true", help="composite: also the single-modality models")
     ca.add_argument("--version", help="the version to calibrate (default: newest uncalibrated per seed / promoted)")
     ca.add_argument("--seeds", type=int, nargs="*")
-    ca.add_argument("--method", choices=["max_f1", "far", "max_accuracy"], default="max_f1")
+    ca.add_argument("--method", choices=["max_f1", "far", "max_accuracy", "fixed"], default="max_f1",
+                    help="fixed: one given --threshold for every line, no validation data")
+    ca.add_argument("--threshold", type=float, help="the threshold of --method fixed (a defect probability)")
     ca.add_argument("--target-far", type=float, default=0.01)
     ca.add_argument("--device", default="cpu")
     ca.add_argument("--store", default="models")

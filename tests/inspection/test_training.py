@@ -226,3 +226,55 @@ def test_skab_protocol_writes_its_result(tmp_path):
     assert summary["baselines"]["T-squared, this harness"] == pytest.approx(0.66, abs=0.005)
     assert 0 < summary["value"] <= 1 and 0 <= summary["far"] <= 100
     assert len(MODALITIES) == 3
+
+
+def test_fixed_threshold_calibration_and_its_errors(tmp_path):
+    from inspection.calibration import fixed_calibration
+    from inspection.experiments import calibrate_version
+    from inspection.model import InspectionModel
+    from inspection.store import ModelStore
+
+    model, _ = calibrate(InspectionModel(tiny_config()), np.r_[np.linspace(0, 0.4, 40), np.linspace(0.6, 1, 40)],
+                         np.r_[np.zeros(40, bool), np.ones(40, bool)], ["line-a"] * 80)
+    assert model.config.lines == ("*", "line-a")
+    fixed, cal = fixed_calibration(model, 0.5)
+    assert fixed.config.lines == ("*",) and cal.method == "fixed" and cal.thresholds == {"*": 0.5}
+    slots = torch.tensor([fixed.line_slot("line-a"), fixed.line_slot("never-seen")])
+    assert fixed.threshold_for(slots).tolist() == [0.5, 0.5]
+    assert fixed_calibration(model, 0.5)[1].version == cal.version != fixed_calibration(model, 0.4)[1].version
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="fixed threshold"):
+            fixed_calibration(model, bad)
+
+    # through the store: a fixed threshold needs no validation data; asking for one without it is an error
+    store = ModelStore(tmp_path / "bearings")
+    card = {"name": "bearings", "bench": "bearings", "seed": 0, "modalities": ["vibration"],
+            "model_config": tiny_config().to_dict(), "data": {"val_fraction": None}, "threshold_version": None}
+    base = store.save(InspectionModel(tiny_config()).state_dict(), card, promote=True)
+    with pytest.raises(ConfigError, match="needs a threshold"):
+        calibrate_version(tmp_path, "bearings", base.version, method="fixed")
+    with pytest.raises(ConfigError, match="only with method 'fixed'"):
+        calibrate_version(tmp_path, "bearings", base.version, method="max_f1", threshold=0.5)
+    v = calibrate_version(tmp_path, "bearings", base.version, method="fixed", threshold=0.3)
+    assert v.card["calibration"]["thresholds"] == {"*": 0.3} and v.card["parent"] == base.version
+    assert store.promoted().version == v.version
+
+
+@pytest.mark.data
+def test_elpv_without_validation_trains_on_the_whole_training_split(tmp_path):
+    from inspection.benches import elpv_bench
+    from inspection.experiments import _data_card, calibrate_version
+    from inspection.model import InspectionModel
+    from inspection.store import ModelStore
+
+    held_out, whole = elpv_bench(0), elpv_bench(0, val_fraction=0)
+    assert whole.val == [] and {u.unit_id for u in whole.test} == {u.unit_id for u in held_out.test}
+    assert sorted(u.unit_id for u in whole.train) == sorted(u.unit_id for u in held_out.train + held_out.val)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        elpv_bench(0, val_fraction=1.0)
+    # a model trained that way has nothing to calibrate on: only a fixed threshold is possible
+    card = {"name": "elpv", "bench": "elpv", "seed": 0, "modalities": ["vibration"], "threshold_version": None,
+            "model_config": tiny_config().to_dict(), "data": _data_card(whole, 0.0)}
+    base = ModelStore(tmp_path / "elpv").save(InspectionModel(tiny_config()).state_dict(), card, promote=True)
+    with pytest.raises(ConfigError, match="without validation units"):
+        calibrate_version(tmp_path, "elpv", base.version, method="max_accuracy")
