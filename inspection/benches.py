@@ -66,8 +66,6 @@ def elpv_unit(item, i: int, split: str) -> Unit:
 def elpv_bench(seed: int, val_fraction: float = 0.15, root=None) -> BenchData:
     """``val_fraction`` of the training split (stratified like the split) is held out for validation; 0 trains on
     all of it (no validation units: no epoch selection, and a fixed threshold instead of a calibrated one)."""
-    import numpy as np
-
     from inspection.data.elpv import load_elpv
 
     if not 0.0 <= val_fraction < 1.0:
@@ -77,7 +75,7 @@ def elpv_bench(seed: int, val_fraction: float = 0.15, root=None) -> BenchData:
     if val_fraction > 0:
         tr, va = stratified_split([(it.grade, it.cell_type) for it in train_items], val_fraction, seed + 1000)
     else:
-        tr, va = np.arange(len(train_items)), np.arange(0)
+        tr, va = range(len(train_items)), ()
     return BenchData(
         "elpv", seed,
         [elpv_unit(train_items[i], i, "train") for i in tr],

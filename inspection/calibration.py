@@ -108,6 +108,20 @@ def calibrate(model: InspectionModel, scores: np.ndarray, labels: np.ndarray, li
                                                  or method != "far" and 0 < labels[sel].sum() < sel.sum())
         if usable:
             thresholds[line] = choose_threshold(scores[sel], labels[sel], method, target_far)
+    return _with_thresholds(model, thresholds, method, target_far, n_units)
+
+
+def fixed_calibration(model: InspectionModel, threshold: float) -> tuple[InspectionModel, Calibration]:
+    """Give a model one threshold for every line (method ``fixed``), chosen without validation data."""
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"a fixed threshold is a defect probability in (0, 1); got {threshold}")
+    return _with_thresholds(model, {DEFAULT_LINE: float(threshold)}, "fixed", None, {DEFAULT_LINE: 0})
+
+
+def _with_thresholds(model: InspectionModel, thresholds: dict[str, float], method: str, target_far: float | None,
+                     n_units: dict[str, int]) -> tuple[InspectionModel, Calibration]:
+    """The model carrying ``thresholds`` (``*`` first, then its lines; a new model when its lines change) and
+    their :class:`Calibration`, versioned by a hash of thresholds and method."""
     lines = (DEFAULT_LINE, *sorted(k for k in thresholds if k != DEFAULT_LINE))
     if lines != model.config.lines:
         new = InspectionModel(replace(model.config, lines=lines))
@@ -119,19 +133,3 @@ def calibrate(model: InspectionModel, scores: np.ndarray, labels: np.ndarray, li
     payload = json.dumps({"thresholds": thresholds, "method": method, "target_far": target_far}, sort_keys=True)
     version = "t-" + hashlib.sha256(payload.encode()).hexdigest()[:10]
     return model, Calibration(thresholds, method, target_far if method == "far" else None, version, n_units)
-
-
-def fixed_calibration(model: InspectionModel, threshold: float) -> tuple[InspectionModel, Calibration]:
-    """Give a model one threshold for every line (method ``fixed``), chosen without validation data."""
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"a fixed threshold is a defect probability in (0, 1); got {threshold}")
-    if model.config.lines != (DEFAULT_LINE,):
-        new = InspectionModel(replace(model.config, lines=(DEFAULT_LINE,)))
-        new.load_state_dict({k: v for k, v in model.state_dict().items() if k != "thresholds"}, strict=False)
-        model = new
-    with torch.no_grad():
-        model.thresholds.fill_(float(threshold))
-    thresholds = {DEFAULT_LINE: float(threshold)}
-    payload = json.dumps({"thresholds": thresholds, "method": "fixed", "target_far": None}, sort_keys=True)
-    version = "t-" + hashlib.sha256(payload.encode()).hexdigest()[:10]
-    return model, Calibration(thresholds, "fixed", None, version, {DEFAULT_LINE: 0})

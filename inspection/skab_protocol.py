@@ -250,15 +250,28 @@ def leave_one_folder_out(sweep: GridSweep) -> list[FolderChoice]:
     return out
 
 
-def _summary_of(score) -> dict:
-    return {"tp": score.tp, "fp": score.fp, "tn": score.tn, "fn": score.fn, "f1": score.f1, "far": score.far,
-            "mar": score.mar}
-
-
-def _harness_t2(files: Sequence, y_true: list[np.ndarray]):
+def _protocol_summary(files: Sequence, y_true: list[np.ndarray], ours, *, metric: str, split: str, seed: int,
+                      model_version: str) -> dict:
+    """The summary keys both detectors report: our pooled metrics beside the anchors and this harness's
+    reproduction of the leaderboard's Hotelling T² row."""
     from inspection.data import skab
 
-    return skab.skab_score(y_true, [skab.hotelling_t2_baseline(f) for f in files])
+    t2 = skab.skab_score(y_true, [skab.hotelling_t2_baseline(f) for f in files])
+    return {
+        "metric": metric,
+        "value": ours.f1,
+        "far": ours.far,
+        "mar": ours.mar,
+        "baselines": {**ANCHORS["skab"], "T-squared, this harness": round(t2.f1, 4)},
+        "baselines_far_mar": {"Conv-AE (published)": [13.55, 28.02], "T-squared, this harness": [t2.far, t2.mar]},
+        "split": "published SKAB protocol: per file, first 400 rows fit (normal only), the rest tested" + split,
+        "seed": seed,
+        "model_version": model_version,
+    }
+
+
+def _counts(score) -> dict[str, int]:
+    return {k: getattr(score, k) for k in COUNTS}
 
 
 def evaluate_skab(*, results_dir: Path | str = "bench/results", seed: int = 0, root=None,
@@ -314,26 +327,20 @@ def _evaluate_slope_t2(*, results_dir, seed: int, root, grid: SelectionGrid) -> 
         idx = [i for i, f in enumerate(files) if _folder(f.name) == c.folder]
         score = skab.skab_score([y_true[i] for i in idx], [y_pred[i] for i in idx])
         per_folder[c.folder] = {"files": len(idx), "config": c.config.label, "index": c.index,
-                                "f1_other_folders": c.f1_other_folders, "held_out": _summary_of(score),
+                                "f1_other_folders": c.f1_other_folders, "held_out": asdict(score),
                                 "detector": c.config.to_dict()}
     pooled = sweep.counts.sum(axis=1)  # [C, 4]
     best = int(np.nanargmax(pooled_f1(pooled)))
     deploy = sweep.configs[best]
     dtp, dfp, dtn, dfn = (int(v) for v in pooled[best])
-    t2 = _harness_t2(files, y_true)
     summary = {
-        "metric": "F1 (pooled over the 34 files' test parts; each folder predicted with the configuration chosen "
-                  "on the other two folders)",
-        "value": ours.f1,
-        "far": ours.far,
-        "mar": ours.mar,
-        "baselines": {**ANCHORS["skab"], "T-squared, this harness": round(t2.f1, 4)},
-        "baselines_far_mar": {"Conv-AE (published)": [13.55, 28.02], "T-squared, this harness": [t2.far, t2.mar]},
-        "split": "published SKAB protocol: per file, first 400 rows fit (normal only), the rest tested; free "
-                 "parameters chosen leave-one-folder-out (valve1 / valve2 / other)",
-        "seed": seed,
-        "model_version": f"slope-t2:leave-one-folder-out over {grid.size} configurations; "
-                         + "; ".join(f"{c.folder}: {c.config.label}" for c in choices),
+        **_protocol_summary(
+            files, y_true, ours, seed=seed,
+            metric="F1 (pooled over the 34 files' test parts; each folder predicted with the configuration chosen "
+                   "on the other two folders)",
+            split="; free parameters chosen leave-one-folder-out (valve1 / valve2 / other)",
+            model_version=f"slope-t2:leave-one-folder-out over {grid.size} configurations; "
+                          + "; ".join(f"{c.folder}: {c.config.label}" for c in choices)),
         "runtime_s": round(time.perf_counter() - started, 1),
         "selection": {
             "protocol": "for each folder, the configuration with the best pooled F1 over the other two folders' "
@@ -354,8 +361,7 @@ def _evaluate_slope_t2(*, results_dir, seed: int, root, grid: SelectionGrid) -> 
             },
         },
     }
-    counts = {"tp": ours.tp, "fp": ours.fp, "tn": ours.tn, "fn": ours.fn}
-    return write_result("skab", summary, {"counts": counts, "per_folder": per_folder, "per_file": per_file},
+    return write_result("skab", summary, {"counts": _counts(ours), "per_folder": per_folder, "per_file": per_file},
                         results_dir)
 
 
@@ -370,28 +376,20 @@ def _evaluate_drift(*, results_dir, seed: int, root, config: DriftTrackingConfig
     segments = normal_segments(free, SEGMENT_ROWS, SEGMENT_STRIDE)
     drift = learn_normal_drift(segments, config, train_rows=skab.TRAIN_ROWS, target_far=target_far)
     files = skab.load_skab(root)
-    y_true, y_pred, y_t2, per_file = [], [], [], []
+    y_true, y_pred, per_file = [], [], []
     for f in files:
         train, test = skab.protocol_split(f)
         pred = DriftTrackingDetector(config, drift).fit(train.values).predict(test.values)
         y_true.append(test.anomaly)
         y_pred.append(pred)
-        y_t2.append(skab.hotelling_t2_baseline(f))
         one = skab.skab_score([test.anomaly], [pred])
         per_file.append({"file": f.name, "f1": one.f1, "far": one.far, "mar": one.mar})
     ours = skab.skab_score(y_true, y_pred)
-    t2 = skab.skab_score(y_true, y_t2)
     summary = {
-        "metric": "F1 (pooled over the 34 files' test parts)",
-        "value": ours.f1,
-        "far": ours.far,
-        "mar": ours.mar,
-        "baselines": {**ANCHORS["skab"], "T-squared, this harness": round(t2.f1, 4)},
-        "baselines_far_mar": {"Conv-AE (published)": [13.55, 28.02], "T-squared, this harness": [t2.far, t2.mar]},
-        "split": "published SKAB protocol: per file, first 400 rows fit (normal only), the rest tested",
-        "seed": seed,
-        "model_version": "drift-tracking:" + ",".join(f"{k}={v}" for k, v in asdict(config).items())
-        + f",margin={drift.margin:.4g}",
+        **_protocol_summary(
+            files, y_true, ours, seed=seed, metric="F1 (pooled over the 34 files' test parts)", split="",
+            model_version="drift-tracking:" + ",".join(f"{k}={v}" for k, v in asdict(config).items())
+            + f",margin={drift.margin:.4g}"),
         "detector": asdict(config),
         "normal_drift": {
             "source": f"anomaly-free recording, {len(segments)} segments of {SEGMENT_ROWS} rows starting every "
@@ -402,5 +400,4 @@ def _evaluate_drift(*, results_dir, seed: int, root, config: DriftTrackingConfig
             **drift.to_dict(),
         },
     }
-    counts = {"tp": ours.tp, "fp": ours.fp, "tn": ours.tn, "fn": ours.fn}
-    return write_result("skab", summary, {"counts": counts, "per_file": per_file}, results_dir)
+    return write_result("skab", summary, {"counts": _counts(ours), "per_file": per_file}, results_dir)
