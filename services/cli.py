@@ -505,7 +505,9 @@ def _uncalibrated_latest(store, seeds) -> list[str]:
     missing = [s for s in seeds if s not in latest]
     if missing:
         raise ConfigError(f"{store.root} has no uncalibrated model for seed(s) {missing}")
-    return [latest[s] for s in seeds]
+    # Oldest first: each calibrated save prunes the store's oldest versions, which must already be done by then
+    # (seeds trained side by side land in any order).
+    return sorted((latest[s] for s in seeds), key=lambda v: int(v[1:].split("-")[0]))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
