@@ -52,6 +52,10 @@ class TrainConfig:
         estimates the graded truth, and its 0.5 crossing the p >= 0.5 rule that defines a defect.
     augment: random flips / 90° rotations of images (solar cells and most parts look alike in any orientation)
         and a mild brightness/contrast jitter.
+    photometric_jitter: scales the brightness (+-0.05) and contrast (x0.9-1.1) ranges of that jitter.
+    affine_jitter: strength ``a`` of a small random affine warp on top (0 = none): rotation up to ``10a``
+        degrees, scale ``1 +- 0.1a``, shift up to ``5a`` % of the side, borders filled by reflection. Cells
+        cropped from a module image are never perfectly aligned or scaled; this teaches the model so.
     grad_clip: global gradient norm clip.
     amp: bf16 autocast on CUDA.
     select_best: keep the epoch with the best validation score (AUROC, else loss) instead of the last one.
@@ -75,6 +79,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     soft_targets: bool = False
     augment: bool = True
+    photometric_jitter: float = 1.0
+    affine_jitter: float = 0.0
     grad_clip: float = 1.0
     amp: bool = True
     select_best: bool = True
@@ -87,6 +93,9 @@ class TrainConfig:
             raise ConfigError(f"epochs and batch_size must be >= 1; got {self.epochs}, {self.batch_size}")
         if not (self.lr > 0 and self.backbone_lr > 0):
             raise ConfigError("learning rates must be > 0")
+        if not (0.0 <= self.photometric_jitter <= 5.0 and 0.0 <= self.affine_jitter <= 2.0):
+            raise ConfigError("photometric_jitter must be in [0, 5] and affine_jitter in [0, 2]; got "
+                              f"{self.photometric_jitter}, {self.affine_jitter}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -202,8 +211,11 @@ class PreparedSet:
         return batch, Targets(t.defect[idx], t.klass[idx], t.culprit[idx])
 
 
-def augment_images(batch: Batch, generator: torch.Generator) -> Batch:
-    """Random flips, 90° rotations and a mild brightness/contrast jitter of each image, on the batch's device."""
+def augment_images(batch: Batch, generator: torch.Generator, photometric: float = 1.0,
+                   affine: float = 0.0) -> Batch:
+    """Random flips, 90° rotations and a brightness/contrast jitter (ranges scaled by ``photometric``) of each
+    image, then an optional small affine warp of strength ``affine`` (see :class:`TrainConfig`); on the batch's
+    device."""
     if "vision" not in batch.inputs:
         return batch
     img = batch.inputs["vision"]["image"]  # [B, 3, S, S]
@@ -216,13 +228,27 @@ def augment_images(batch: Batch, generator: torch.Generator) -> Batch:
         sel = rot == r
         if sel.any():
             out[sel] = torch.rot90(out[sel], r, dims=(-2, -1))
-    gain = 1.0 + (draw(b, 1, 1, 1) - 0.5) * 0.2  # contrast x0.9-1.1
-    offset = (draw(b, 1, 1, 1) - 0.5) * 0.1  # brightness +-0.05 (normalised units)
+    gain = 1.0 + (draw(b, 1, 1, 1) - 0.5) * 0.2 * photometric  # contrast x0.9-1.1 at 1
+    offset = (draw(b, 1, 1, 1) - 0.5) * 0.1 * photometric  # brightness +-0.05 (normalised units) at 1
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = (out - mean) * gain + mean + offset
+    if affine > 0:
+        out = _affine_warp(out, draw(b, 4) * 2 - 1, affine)
     inputs = dict(batch.inputs)
     inputs["vision"] = {**batch.inputs["vision"], "image": out}
     return Batch(inputs, batch.present, batch.line_index)
+
+
+def _affine_warp(img: torch.Tensor, u: torch.Tensor, strength: float) -> torch.Tensor:
+    """Rotate by ``10·strength·u0`` degrees, scale by ``1 + 0.1·strength·u1`` and shift by ``5·strength·u2/u3``
+    % of the side (``u [B, 4]`` uniform in [-1, 1]); borders reflect. ``[B, C, S, S] -> [B, C, S, S]``."""
+    angle = torch.deg2rad(10.0 * strength * u[:, 0])
+    scale = 1.0 + 0.1 * strength * u[:, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    shift = 0.1 * strength * u[:, 2:]  # normalised coordinates span 2, so 0.1 = 5 % of the side
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1)
+    grid = F.affine_grid(theta.to(img.dtype), list(img.shape), align_corners=False)
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 @dataclass
@@ -485,7 +511,7 @@ def train_supervised(
             t = visible_targets(t, present, model_config.class_names)
             batch = batch.to(device)
             if cfg.augment:
-                batch = augment_images(batch, gen)
+                batch = augment_images(batch, gen, cfg.photometric_jitter, cfg.affine_jitter)
             t = Targets(t.defect.to(device), t.klass.to(device), t.culprit.to(device))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                 out = model(batch, present.to(device))

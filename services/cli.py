@@ -448,7 +448,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("SKAB uses its normal-only per-file protocol: run `inspection evaluate --bench skab`")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
                       seed=args.seed, device=args.device, amp=not args.no_amp, ema_decay=args.ema_decay,
-                      soft_targets=args.soft_targets)
+                      soft_targets=args.soft_targets, photometric_jitter=args.photometric_jitter,
+                      affine_jitter=args.affine_jitter)
     modalities = args.modalities.split(",") if args.modalities else None
     for seed in args.seeds or [args.seed]:
         version = train_bench(args.bench, seed, dataclasses.replace(cfg, seed=seed),
@@ -634,6 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a model config key, e.g. encoders.vibration.config.preprocess.env_relative=true")
     tr.add_argument("--no-amp", action="store_true")
+    tr.add_argument("--photometric-jitter", type=float, default=1.0,
+                    help="scale of the image brightness/contrast jitter (1: +-0.05 brightness, x0.9-1.1 contrast)")
+    tr.add_argument("--affine-jitter", type=float, default=0.0,
+                    help="strength a of a random affine warp of images: rotation <= 10a deg, scale 1 +- 0.1a, "
+                         "shift <= 5a %% (0: off)")
     tr.add_argument("--ema-decay", type=float, default=0.0,
                     help="keep an exponential moving average of the weights with this decay and validate, select "
                          "and save it (0: off)")
