@@ -55,7 +55,7 @@ class TrainConfig:
     photometric_jitter: scales the brightness (+-0.05) and contrast (x0.9-1.1) ranges of that jitter.
     affine_jitter: strength ``a`` of a small random affine warp on top (0 = none): rotation up to ``10a``
         degrees, scale ``1 +- 0.1a``, shift up to ``5a`` % of the side, borders filled by reflection. Cells
-        cropped from a module image are never perfectly aligned or scaled; this teaches the model so.
+        cropped from a module image are never perfectly aligned or scaled; the warp trains for that.
     grad_clip: global gradient norm clip.
     amp: bf16 autocast on CUDA.
     select_best: keep the epoch with the best validation score (AUROC, else loss) instead of the last one.
@@ -246,7 +246,9 @@ def _affine_warp(img: torch.Tensor, u: torch.Tensor, strength: float) -> torch.T
     scale = 1.0 + 0.1 * strength * u[:, 1]
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     shift = 0.1 * strength * u[:, 2:]  # normalised coordinates span 2, so 0.1 = 5 % of the side
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1)
+    # the grid maps output to input coordinates: input = A (output - shift), so the content moves by +shift
+    a = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)  # [B, 2, 2]
+    theta = torch.cat([a, -(a @ shift.unsqueeze(-1))], dim=-1)  # [B, 2, 3]
     grid = F.affine_grid(theta.to(img.dtype), list(img.shape), align_corners=False)
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 

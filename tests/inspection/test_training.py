@@ -278,3 +278,74 @@ def test_elpv_without_validation_trains_on_the_whole_training_split(tmp_path):
     base = ModelStore(tmp_path / "elpv").save(InspectionModel(tiny_config()).state_dict(), card, promote=True)
     with pytest.raises(ConfigError, match="without validation units"):
         calibrate_version(tmp_path, "elpv", base.version, method="max_accuracy")
+
+
+def _blob_batch(size: int = 64, radius: float = 10.0, n: int = 16):
+    from inspection.model import Batch
+
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    disk = (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) <= radius ** 2).float()
+    img = disk.expand(n, 3, size, size).clone()  # a centred disk: flips and 90° turns leave it unchanged
+    return Batch({"vision": {"image": img}}, torch.ones(n, len(MODALITIES), dtype=torch.bool),
+                 torch.zeros(n, dtype=torch.long)), disk
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0, 2.0])
+def test_affine_jitter_stays_within_its_documented_ranges(strength):
+    from inspection.training import augment_images
+
+    batch, disk = _blob_batch()
+    gen = torch.Generator().manual_seed(0)
+    out = augment_images(batch, gen, photometric=0.0, affine=strength).inputs["vision"]["image"][:, 0]
+    size = disk.shape[-1]
+    coords = torch.arange(size) + 0.5
+    mass = out.sum(dim=(-1, -2))
+    cy = (out.sum(-1) * coords).sum(-1) / mass
+    cx = (out.sum(-2) * coords).sum(-1) / mass
+    # rotation and scale act about the centre, so only the shift (<= 5a % of the side per axis) moves the disk
+    assert ((cy - size / 2).abs() <= 0.05 * strength * size + 0.5).all(), cy
+    assert ((cx - size / 2).abs() <= 0.05 * strength * size + 0.5).all(), cx
+    # area scales by the square of a scale within 1 +- 0.1a (bilinear edges: half a pixel of slack on the radius)
+    r = (mass / torch.pi).sqrt()
+    assert (r >= 10.0 * (1 - 0.1 * strength) - 0.5).all() and (r <= 10.0 * (1 + 0.1 * strength) + 0.5).all(), r
+    assert not torch.allclose(out, disk.expand_as(out))  # it did warp
+
+
+def test_image_jitter_off_is_a_pure_flip_or_rotation():
+    from inspection.training import augment_images
+
+    batch, _ = _blob_batch(n=8)
+    img = torch.rand(8, 3, 32, 32)
+    batch.inputs["vision"]["image"] = img
+    out = augment_images(batch, torch.Generator().manual_seed(1), photometric=0.0, affine=0.0)
+    out = out.inputs["vision"]["image"]
+    views = lambda x: [torch.rot90(v, r, (-2, -1)) for v in (x, x.flip(-1)) for r in range(4)]  # noqa: E731
+    for i in range(8):
+        assert any(torch.allclose(out[i], v, atol=1e-6) for v in views(img[i]))
+    # a flat image stays flat under any warp: borders are reflected, never padded with zeros
+    batch.inputs["vision"]["image"] = torch.full((8, 3, 32, 32), 0.7)
+    flat = augment_images(batch, torch.Generator().manual_seed(2), photometric=0.0, affine=2.0)
+    torch.testing.assert_close(flat.inputs["vision"]["image"], torch.full((8, 3, 32, 32), 0.7))
+    for bad in ({"affine_jitter": 2.5}, {"affine_jitter": -0.1}, {"photometric_jitter": -1.0}):
+        with pytest.raises(ConfigError, match="jitter"):
+            TrainConfig(**bad)
+
+
+def test_calibrating_several_seeds_keeps_every_one(tmp_path, capsys):
+    """Seeds trained side by side land in the store in any order; calibrating them all must not let the
+    store's pruning (newest 3 kept) delete a version that is still waiting for its threshold."""
+    from inspection.model import InspectionModel
+    from inspection.store import ModelStore
+    from services.cli import main
+
+    store = ModelStore(tmp_path / "bearings")
+    for seed in (1, 2, 0):
+        card = {"name": "bearings", "bench": "bearings", "seed": seed, "modalities": ["vibration"],
+                "model_config": tiny_config().to_dict(), "data": {"val_fraction": None}, "threshold_version": None}
+        store.save(InspectionModel(tiny_config()).state_dict(), card, promote=True)
+    assert main(["calibrate", "--bench", "bearings", "--seeds", "0", "1", "2", "--method", "fixed",
+                 "--threshold", "0.5", "--store", str(tmp_path)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 3
+    calibrated = [v for v in store.versions() if v.card.get("threshold_version")]
+    assert sorted(v.card["seed"] for v in calibrated) == [0, 1, 2]
