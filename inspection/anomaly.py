@@ -28,9 +28,9 @@ trailing mean over ``window`` rows, or an exponential average with rate λ), and
 ridge-regularised covariance of the fitting rows' smoothed features. The threshold is a quantile of the fitting
 rows' own scores times a factor (with a trailing mean, the first fitting rows average fewer rows and score far
 higher than full windows, so a quantile near 1 is set by them: the threshold then sits at the T² of nearly
-unsmoothed rows, well above the smoothed rows' spread), and a persistence rule ("all" or "majority" of the last ``persistence`` raw
-alarms) decides each row. Every predicted row uses only itself and earlier rows; the detector keeps the context
-it needs, so later rows can be fed in chunks of any size, with the same result as one call.
+unsmoothed rows, well above the smoothed rows' spread), and a persistence rule ("all" or "majority" of the last
+``persistence`` raw alarms) decides each row. Every predicted row uses only itself and earlier rows; the detector
+keeps the context it needs, so later rows can be fed in chunks of any size, with the same result as one call.
 """
 
 from __future__ import annotations
@@ -355,7 +355,6 @@ def learn_normal_drift(segments: Sequence[np.ndarray], config: DriftTrackingConf
         mid = (lo * hi) ** 0.5
         lo, hi = (mid, hi) if far(mid) > target_far else (lo, mid)
     return NormalDrift(scales=scales, margin=hi, far=far(hi))
-
 
 
 SMOOTHINGS: tuple[str, ...] = ("box", "ewma")

@@ -937,8 +937,9 @@ def group_coalition_attention(q: Tensor, k: Tensor, v: Tensor, key_groups: Tenso
     the partials of its members: the work is one attention over the N keys plus ``C·G`` tiny merges, where C
     separate calls (or :func:`coalition_attention`) attend over N keys C times. Up to 4 groups, one pass over the
     keys computes each tile's scores once and updates the groups present in it; more groups go to
-    :func:`coalition_attention` with the masks they stand for. Keys of one group need not be contiguous. Forward only on the Triton path, no top-k (the top-k of a
-    union is not the union of the top-ks: use :func:`coalition_attention`).
+    :func:`coalition_attention` with the masks they stand for. Keys of one group need not be contiguous. Forward
+    only on the Triton path, no top-k (the top-k of a union is not the union of the top-ks: use
+    :func:`coalition_attention`).
 
     Args:
         q: ``[B, H, Q, Dh]`` queries, shared by every coalition.

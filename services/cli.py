@@ -493,22 +493,25 @@ def _plain_json(obj):
 
 
 def _uncalibrated_latest(store, seeds) -> list[str]:
-    """The newest uncalibrated version per seed (or the promoted one when no seeds are given)."""
+    """The newest uncalibrated version per seed, in store order (or the promoted one when no seeds are given)."""
     if not seeds:
         promoted = store.promoted()
         if promoted is None:
             raise ConfigError(f"no promoted model in {store.root}")
         return [promoted.version]
     latest = {}
+    order = []  # store order, oldest first
     for v in store.versions():
+        order.append(v.version)
         if v.card.get("seed") in seeds and not v.card.get("threshold_version"):
             latest[v.card["seed"]] = v.version
     missing = [s for s in seeds if s not in latest]
     if missing:
         raise ConfigError(f"{store.root} has no uncalibrated model for seed(s) {missing}")
-    # Oldest first: each calibrated save prunes the store's oldest versions, which must already be done by then
-    # (seeds trained side by side land in any order).
-    return sorted((latest[s] for s in seeds), key=lambda v: int(v[1:].split("-")[0]))
+    # In store order, oldest first: each calibrated save prunes the store's oldest versions, which must already be
+    # done by then (seeds trained side by side land in any order).
+    chosen = set(latest.values())
+    return [v for v in order if v in chosen]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
