@@ -5,7 +5,8 @@ C channels · S samples · F frequency bins · L waveform length.
 Each modality has a frozen config that travels with the model's weights (it is part of the model config), so a
 stream decision, a re-scored decision and a training example of the same reading see the same numbers.
 
-- vision: gray or RGB, 8- or 16-bit -> ``[3, size, size]`` in the backbone's normalisation (gray replicated).
+- vision: gray or RGB, 8- or 16-bit -> ``[3, size, size]`` in the backbone's normalisation (gray replicated;
+  each of the three input channels can carry the plain image or a local-contrast-enhanced copy).
 - vibration, ``waveform`` mode (kHz accelerometers): a log-magnitude spectrum on a fixed Hz grid (so recordings
   at different sample rates give comparable tokens), the envelope spectrum of the high-passed signal (where
   bearing fault frequencies show up), and the waveform resampled to a fixed rate for the 1-D conv branch.
@@ -26,6 +27,11 @@ WAVEFORM_MIN_RATE_HZ = 1000.0  # below this a vibration reading is a low-rate se
 _SILENT_RMS_G = 1e-9  # a channel quieter than this (g) is treated as silent when dividing by its level
 
 
+#: What one backbone input channel can carry: the image as it is, or its CLAHE (contrast-limited adaptive
+#: histogram equalisation: local contrast stretched tile by tile, with a cap on how much noise it amplifies).
+VISION_CHANNEL_MODES = ("raw", "clahe")
+
+
 @dataclass(frozen=True)
 class VisionPreprocess:
     """Resize and normalise an image for a timm backbone.
@@ -33,23 +39,41 @@ class VisionPreprocess:
     Attributes:
         image_size: output side in pixels (square).
         mean, std: per-channel normalisation of [0, 1] pixels (the backbone's pretraining statistics).
+        channels: what each of the backbone's three input channels carries, from :data:`VISION_CHANNEL_MODES`.
+            A gray image is replicated into all three first; a colour channel set to ``clahe`` is equalised on
+            its own. ``("raw", "clahe", "raw")`` shows the network the plain image (absolute brightness: dark,
+            inactive areas) and a copy where faint thin lines (cracks, finger interruptions) are stretched to
+            full local contrast.
+        clahe_clip: CLAHE clip limit (the cap on each tile's histogram, in multiples of its mean bin height).
+        clahe_tiles: CLAHE tiles per side of the image.
     """
 
     image_size: int = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    channels: tuple[str, str, str] = ("raw", "raw", "raw")
+    clahe_clip: float = 2.0
+    clahe_tiles: int = 8
 
     def __post_init__(self) -> None:
         if not 32 <= self.image_size <= 1024:
             raise ConfigError(f"image_size must be in [32, 1024] px; got {self.image_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"mean and std need 3 values with std > 0; got {self.mean}, {self.std}")
+        if len(self.channels) != 3 or not set(self.channels) <= set(VISION_CHANNEL_MODES):
+            raise ConfigError(f"channels needs 3 entries from {VISION_CHANNEL_MODES}; got {self.channels!r}")
+        if not 0.0 < self.clahe_clip <= 40.0:
+            raise ConfigError(f"clahe_clip must be in (0, 40]; got {self.clahe_clip}")
+        if isinstance(self.clahe_tiles, bool) or not isinstance(self.clahe_tiles, int) or not 1 <= self.clahe_tiles <= 64:
+            raise ConfigError(f"clahe_tiles must be an integer in [1, 64]; got {self.clahe_tiles!r}")
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """``[H, W]`` or ``[H, W, 3]`` uint8/uint16 -> float32 ``[3, size, size]``."""
         import cv2
 
         scale = 255.0 if image.dtype == np.uint8 else 65535.0
+        if self.channels != ("raw", "raw", "raw"):
+            image = self._fill_channels(image)
         x = image.astype(np.float32) / scale
         x = cv2.resize(x, (self.image_size, self.image_size),
                        interpolation=cv2.INTER_AREA if min(image.shape[:2]) > self.image_size else cv2.INTER_LINEAR)
@@ -57,6 +81,21 @@ class VisionPreprocess:
             x = np.repeat(x[:, :, None], 3, axis=2)
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))  # [3, size, size]
+
+    def _fill_channels(self, image: np.ndarray) -> np.ndarray:
+        """``[H, W]`` or ``[H, W, 3]`` -> ``[H, W, 3]`` of the same dtype, each channel as ``channels`` says."""
+        import cv2
+
+        clahe = cv2.createCLAHE(clipLimit=self.clahe_clip, tileGridSize=(self.clahe_tiles, self.clahe_tiles))
+        gray = image.ndim == 2
+        equalised = clahe.apply(np.ascontiguousarray(image)) if gray else None  # one equalisation serves all three
+        planes = []
+        for c, mode in enumerate(self.channels):
+            plane = image if gray else np.ascontiguousarray(image[:, :, c])
+            if mode == "clahe":
+                plane = equalised if gray else clahe.apply(plane)
+            planes.append(plane)
+        return np.stack(planes, axis=2)
 
 
 @dataclass(frozen=True)
