@@ -60,6 +60,7 @@ class VisionPreprocess:
             raise ConfigError(f"image_size must be in [32, 1024] px; got {self.image_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"mean and std need 3 values with std > 0; got {self.mean}, {self.std}")
+        object.__setattr__(self, "channels", tuple(self.channels))  # a list from Python code compares like JSON's
         if len(self.channels) != 3 or not set(self.channels) <= set(VISION_CHANNEL_MODES):
             raise ConfigError(f"channels needs 3 entries from {VISION_CHANNEL_MODES}; got {self.channels!r}")
         if not 0.0 < self.clahe_clip <= 40.0:

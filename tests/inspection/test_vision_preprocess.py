@@ -87,5 +87,6 @@ def test_invalid_channel_settings_are_refused(kwargs, match):
 def test_channel_settings_travel_through_the_model_config_json():
     cfg = from_dict(VisionEncoderConfig, {"preprocess": {"image_size": 300, "channels": list(MIXED), "clahe_clip": 3}})
     assert cfg.preprocess.channels == MIXED and cfg.preprocess.clahe_clip == 3.0
+    assert VisionPreprocess(channels=list(MIXED)) == VisionPreprocess(channels=MIXED)  # Python lists too
     old = from_dict(VisionEncoderConfig, {"preprocess": {"image_size": 300}})  # cards written before the option
     assert old.preprocess.channels == ("raw", "raw", "raw")
