@@ -87,6 +87,8 @@ class VisionPreprocess:
         """``[H, W]`` or ``[H, W, 3]`` -> ``[H, W, 3]`` of the same dtype, each channel as ``channels`` says."""
         import cv2
 
+        # made per call, not kept: an OpenCV CLAHE object keeps working buffers, and a batch's units are
+        # preprocessed on several threads at once
         clahe = cv2.createCLAHE(clipLimit=self.clahe_clip, tileGridSize=(self.clahe_tiles, self.clahe_tiles))
         gray = image.ndim == 2
         equalised = clahe.apply(np.ascontiguousarray(image)) if gray else None  # one equalisation serves all three

@@ -499,19 +499,16 @@ def _uncalibrated_latest(store, seeds) -> list[str]:
         if promoted is None:
             raise ConfigError(f"no promoted model in {store.root}")
         return [promoted.version]
-    latest = {}
-    order = []  # store order, oldest first
-    for v in store.versions():
-        order.append(v.version)
-        if v.card.get("seed") in seeds and not v.card.get("threshold_version"):
-            latest[v.card["seed"]] = v.version
+    versions = store.versions()  # oldest first
+    latest = {v.card["seed"]: v.version for v in versions
+              if v.card.get("seed") in seeds and not v.card.get("threshold_version")}
     missing = [s for s in seeds if s not in latest]
     if missing:
         raise ConfigError(f"{store.root} has no uncalibrated model for seed(s) {missing}")
     # In store order, oldest first: each calibrated save prunes the store's oldest versions, which must already be
     # done by then (seeds trained side by side land in any order).
     chosen = set(latest.values())
-    return [v for v in order if v in chosen]
+    return [v.version for v in versions if v.version in chosen]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
