@@ -53,11 +53,6 @@ class ModelConfig:
     class_names: defect classes of the class head (``ok`` first).
     modality_dropout: in training, the probability of hiding each present modality (one always stays).
     head_dropout: dropout on the fused representation before the heads.
-    local_head: also score every visible token on its own and add the smooth maximum of those token logits
-        (``local_sharpness``-tempered log-mean-exp) to the fused defect logit. A small local defect (a thin crack
-        on a few of an image's tokens) then counts at full strength instead of being averaged away by the pooled
-        representation; the token logits come back in :attr:`ModelOutput.token_logits` as a defect map.
-    local_sharpness: the log-mean-exp temperature ``r``: near 0 the mean of the token logits, large the maximum.
     lines: production lines with their own threshold; ``*`` is the default for any other line.
     """
 
@@ -66,8 +61,6 @@ class ModelConfig:
     class_names: tuple[str, ...] = ("ok", "defect")
     modality_dropout: float = 0.25
     head_dropout: float = 0.2
-    local_head: bool = False
-    local_sharpness: float = 5.0
     lines: tuple[str, ...] = (DEFAULT_LINE,)
 
     def __post_init__(self) -> None:
@@ -80,8 +73,6 @@ class ModelConfig:
             raise ConfigError(f"modality_dropout must be in [0, 1); got {self.modality_dropout}")
         if DEFAULT_LINE not in self.lines or len(set(self.lines)) != len(self.lines):
             raise ConfigError(f"lines must be distinct and include the default {DEFAULT_LINE!r}; got {self.lines}")
-        if not self.local_sharpness > 0.0:
-            raise ConfigError(f"local_sharpness must be > 0; got {self.local_sharpness}")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -145,8 +136,6 @@ class ModelOutput:
         present: ``[B, M]`` the mask this output was computed with.
         pooled: ``[B, D]`` fused representation.
         router_stats: per MoE layer.
-        token_logits: ``[B, N]`` each token's own defect logit with a local head (``-inf`` where the token is not
-            visible), else ``None``.
     """
 
     defect_logit: Tensor
@@ -155,7 +144,6 @@ class ModelOutput:
     present: Tensor
     pooled: Tensor
     router_stats: list[RouterStats]
-    token_logits: Tensor | None = None
 
     @property
     def score(self) -> Tensor:
@@ -181,7 +169,6 @@ class InspectionModel(nn.Module):
         self.class_head = nn.Linear(dim, len(config.class_names))
         self.modality_heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
                                              for m in config.modalities})
-        self.local_head = (nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1)) if config.local_head else None)
         self.register_buffer("thresholds", torch.full((len(config.lines),), float("nan")))
         self._line_slots = {line: i for i, line in enumerate(config.lines)}
 
@@ -275,26 +262,13 @@ class InspectionModel(nn.Module):
             mi = MODALITIES.index(m)
             logit = self.modality_heads[m](encoded.tokens[:, sl].mean(dim=1)).squeeze(-1)  # [B]
             modality_logits[:, mi] = torch.where(present[:, mi], logit.to(pooled.dtype), 0.0)
-        defect_logit = self.defect_head(pooled).squeeze(-1)  # [B]
-        token_logits = None
-        if self.local_head is not None:
-            r = self.config.local_sharpness
-            token_logits = self.local_head(encoded.tokens).squeeze(-1).float()  # [B, N]
-            # hidden tokens get a finite floor far below any scaled logit (exp underflows to exactly 0) so that
-            # gradients stay finite; a unit with nothing visible (an explanation's empty coalition) gets no local term
-            n_visible = visible.sum(dim=1)
-            lse = torch.logsumexp((r * token_logits).masked_fill(~visible, -1e30), dim=1)
-            local = torch.where(n_visible > 0, (lse - n_visible.clamp_min(1).float().log()) / r, 0.0)  # [B]
-            defect_logit = defect_logit + local.to(defect_logit.dtype)
-            token_logits = token_logits.masked_fill(~visible, float("-inf"))
         return ModelOutput(
-            defect_logit=defect_logit,
+            defect_logit=self.defect_head(pooled).squeeze(-1),
             class_logits=self.class_head(pooled),
             modality_logits=modality_logits,
             present=present,
             pooled=pooled,
             router_stats=bridged.router_stats,
-            token_logits=token_logits,
         )
 
     def forward(self, batch: Batch, present: Tensor | None = None) -> ModelOutput:

@@ -147,9 +147,9 @@ def test_masked_attention_matches_closed_forms():
 
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["pooled-head", "local-head"])
-def model_and_units(request, small_model_factory, unit_factory):
-    model = small_model_factory(local_head=request.param)
+@pytest.fixture(scope="module")
+def model_and_units(small_model_factory, unit_factory):
+    model = small_model_factory()
     rng = np.random.default_rng(0)
     units = [unit_factory(i, rng) for i in range(8)]
     model.fit_normalisation(model.batch(units))
@@ -164,11 +164,6 @@ def test_model_output_shapes_and_config_round_trip(model_and_units):
     assert out.defect_logit.shape == (8,) and out.class_logits.shape == (8, 2)
     assert out.modality_logits.shape == (8, 3) and out.pooled.shape == (8, DIM)
     assert out.present.all() and len(out.router_stats) == 1
-    if model.config.local_head:
-        n_tokens = sum(enc.n_tokens for enc in model.encoders.values())
-        assert out.token_logits.shape == (8, n_tokens) and torch.isfinite(out.token_logits).all()
-    else:
-        assert out.token_logits is None
     again = InspectionModel(ModelConfig.from_dict(model.config.to_dict()))
     again.load_state_dict(model.state_dict())
     again.eval()
@@ -195,10 +190,6 @@ def test_a_missing_modality_changes_only_its_own_path(model_and_units):
     torch.testing.assert_close(native.defect_logit, hidden.defect_logit, rtol=0, atol=MASK_ATOL)
     torch.testing.assert_close(native.modality_logits, hidden.modality_logits, rtol=0, atol=MASK_ATOL)
     assert (hidden.modality_logits[:, 1] == 0).all()
-    if model.config.local_head:  # the hidden modality's tokens are out of the defect map too
-        enc = model.encode(batch)
-        assert torch.isneginf(hidden.token_logits[:, enc.slices["vibration"]]).all()
-        torch.testing.assert_close(native.token_logits, hidden.token_logits, rtol=0, atol=MASK_ATOL)
     # ... while the unmasked vibration does change the fused output
     with torch.no_grad():
         full = model(model.batch(units))
@@ -219,36 +210,6 @@ def test_coalitions_reuse_encoder_tokens(model_and_units):
     assert torch.allclose(empty.defect_logit[0], empty.defect_logit[1])  # and the same for every unit
 
 
-def test_local_head_pools_token_logits_between_mean_and_max(small_model_factory, unit_factory):
-    """The local term is a log-mean-exp of the visible tokens' logits: the same weights with a very sharp pool
-    score each unit higher than with a very soft one by exactly max - mean of its visible token logits."""
-    rng = np.random.default_rng(3)
-    units = [unit_factory(i, rng) for i in range(6)]
-    sharp = small_model_factory(local_head=True, local_sharpness=1e4)
-    soft = InspectionModel(ModelConfig.from_dict({**sharp.config.to_dict(), "local_sharpness": 1e-4}))
-    sharp.fit_normalisation(sharp.batch(units))
-    soft.load_state_dict(sharp.state_dict())
-    batch = sharp.batch(units)
-    present = batch.present.clone()
-    present[::2, 0] = False  # every other unit without its image: the pool covers only what is visible
-    sharp.eval(), soft.eval()
-    with torch.no_grad():
-        hi, lo = sharp(batch, present), soft(batch, present)
-    torch.testing.assert_close(hi.token_logits, lo.token_logits, **EXACT)
-    visible = torch.isfinite(hi.token_logits)
-    assert (visible.sum(1) < visible.shape[1]).any()
-    t = hi.token_logits.masked_fill(~visible, 0.0)
-    gap = t.masked_fill(~visible, float("-inf")).amax(1) - t.sum(1) / visible.sum(1)
-    assert (gap > 0.05).all()  # the token logits do differ, so the two pools are told apart
-    torch.testing.assert_close(hi.defect_logit - lo.defect_logit, gap, rtol=0, atol=2e-3)
-    # training through the local head with a modality hidden keeps every gradient finite
-    sharp.train()
-    out = sharp(batch, present)
-    out.defect_logit.sum().backward()
-    grads = [p.grad for p in sharp.local_head.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-
-
 def test_thresholds_fail_loudly_before_calibration(model_and_units):
     model, units = model_and_units
     batch = model.batch(units)
@@ -267,5 +228,3 @@ def test_model_config_is_strict(small_model_factory):
         ModelConfig.from_dict(bad)
     with pytest.raises(ConfigError, match="'ok' first"):
         ModelConfig.from_dict({**good, "class_names": ["defect", "ok"]})
-    with pytest.raises(ConfigError, match="local_sharpness"):
-        ModelConfig.from_dict({**good, "local_head": True, "local_sharpness": 0})
