@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
+from inspection.config import from_dict, to_dict
 from inspection.errors import ConfigError, DataError, NotCalibratedError
 
 
@@ -449,17 +450,12 @@ class SlopeT2Config:
 
     def to_dict(self) -> dict:
         """JSON-safe form; :meth:`from_dict` reads it back."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in fields(self)}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> SlopeT2Config:
-        """Build from :meth:`to_dict` output; unknown keys are rejected."""
-        valid = sorted(f.name for f in fields(cls))
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown SlopeT2Config key(s) {unknown}; valid keys are {', '.join(valid)}")
-        return cls(**data)
+        """Build from :meth:`to_dict` output, strictly (unknown keys and wrong types are rejected)."""
+        return from_dict(cls, data)
 
 
 def persistent_alarms(raw: np.ndarray, rule: str, persistence: int) -> np.ndarray:

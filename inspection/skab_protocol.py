@@ -46,6 +46,7 @@ from inspection.anomaly import (
     normal_segments,
     persistent_alarms,
 )
+from inspection.config import to_dict
 from inspection.errors import ConfigError, DataError
 from inspection.evaluation import ANCHORS, write_result
 
@@ -125,8 +126,7 @@ class SelectionGrid:
                 for rule, k in self.persistences]
 
     def to_dict(self) -> dict:
-        return {f.name: [list(v) if isinstance(v, tuple) else v for v in getattr(self, f.name)]
-                for f in dataclasses.fields(self)}
+        return to_dict(self)
 
 
 @dataclass(frozen=True)
@@ -308,31 +308,26 @@ def _evaluate_slope_t2(*, results_dir, seed: int, root, grid: SelectionGrid) -> 
 
     started = time.perf_counter()
     files = skab.load_skab(root)
-    sweep = sweep_grid(files, grid)
+    sweep = sweep_grid(files, grid)  # its counts are those of the detector built with each configuration
     choices = leave_one_folder_out(sweep)
     chosen = {c.folder: c for c in choices}
-    y_true, y_pred, per_file = [], [], []
-    for f in files:
+    per_file, held_out = [], []
+    for n, f in enumerate(files):
         choice = chosen[_folder(f.name)]
-        train, test = skab.protocol_split(f)
-        pred = SlopeT2Detector(choice.config).fit(train.values).predict(test.values)
-        y_true.append(test.anomaly)
-        y_pred.append(pred)
-        one = skab.skab_score([test.anomaly], [pred])
+        held_out.append(sweep.counts[choice.index, n])
+        one = skab.SkabScore.from_counts(*held_out[-1])
         per_file.append({"file": f.name, "config": choice.config.label, "f1": one.f1, "far": one.far,
                          "mar": one.mar})
-    ours = skab.skab_score(y_true, y_pred)
-    per_folder = {}
-    for c in choices:
-        idx = [i for i, f in enumerate(files) if _folder(f.name) == c.folder]
-        score = skab.skab_score([y_true[i] for i in idx], [y_pred[i] for i in idx])
-        per_folder[c.folder] = {"files": len(idx), "config": c.config.label, "index": c.index,
-                                "f1_other_folders": c.f1_other_folders, "held_out": asdict(score),
-                                "detector": c.config.to_dict()}
+    ours = skab.SkabScore.from_counts(*np.sum(held_out, axis=0))
+    per_folder = {c.folder: {"files": sweep.folders.count(c.folder), "config": c.config.label, "index": c.index,
+                             "f1_other_folders": c.f1_other_folders,
+                             "held_out": asdict(skab.SkabScore.from_counts(*c.held_out)),
+                             "detector": c.config.to_dict()}
+                  for c in choices}
     pooled = sweep.counts.sum(axis=1)  # [C, 4]
     best = int(np.nanargmax(pooled_f1(pooled)))
     deploy = sweep.configs[best]
-    dtp, dfp, dtn, dfn = (int(v) for v in pooled[best])
+    y_true = [skab.protocol_split(f)[1].anomaly for f in files]
     summary = {
         **_protocol_summary(
             files, y_true, ours, seed=seed,
@@ -355,9 +350,7 @@ def _evaluate_slope_t2(*, results_dir, seed: int, root, grid: SelectionGrid) -> 
                 "chosen": "in-sample: best pooled F1 over all 34 files; optimistic, not a result",
                 "config": deploy.label,
                 "detector": deploy.to_dict(),
-                "in_sample": {"tp": dtp, "fp": dfp, "tn": dtn, "fn": dfn,
-                              "f1": float(pooled_f1(pooled[best])),
-                              "far": 100.0 * dfp / (dfp + dtn), "mar": 100.0 * dfn / (dfn + dtp)},
+                "in_sample": asdict(skab.SkabScore.from_counts(*pooled[best])),
             },
         },
     }

@@ -211,6 +211,14 @@ class SkabScore:
     far: float
     mar: float
 
+    @classmethod
+    def from_counts(cls, tp: int, fp: int, tn: int, fn: int) -> SkabScore:
+        """The metrics of pooled counts."""
+        tp, fp, tn, fn = int(tp), int(fp), int(tn), int(fn)
+        nan = float("nan")
+        return cls(tp=tp, fp=fp, tn=tn, fn=fn, f1=tp / (tp + (fp + fn) / 2) if tp + fp + fn else nan,
+                   far=100.0 * fp / (fp + tn) if fp + tn else nan, mar=100.0 * fn / (fn + tp) if fn + tp else nan)
+
 
 def skab_root(path: Path | str | None = None) -> Path:
     """Find the SKAB folder.
@@ -441,11 +449,7 @@ def skab_score(y_true: Sequence[np.ndarray], y_pred: Sequence[np.ndarray]) -> Sk
         fp += int(np.count_nonzero(~t & p))
         tn += int(np.count_nonzero(~t & ~p))
         fn += int(np.count_nonzero(t & ~p))
-    nan = float("nan")
-    f1 = tp / (tp + (fp + fn) / 2) if tp + fp + fn else nan
-    far = 100.0 * fp / (fp + tn) if fp + tn else nan
-    mar = 100.0 * fn / (fn + tp) if fn + tp else nan
-    return SkabScore(tp=tp, fp=fp, tn=tn, fn=fn, f1=f1, far=far, mar=mar)
+    return SkabScore.from_counts(tp, fp, tn, fn)
 
 
 def hotelling_t2_baseline(file: SkabFile, train_rows: int = TRAIN_ROWS) -> np.ndarray:
