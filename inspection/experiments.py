@@ -30,7 +30,7 @@ from inspection.evaluation import (
 )
 from inspection.model import InspectionModel, ModelConfig
 from inspection.records import MODALITIES
-from inspection.store import ModelStore, ModelVersion
+from inspection.store import DEFAULT_KEEP, ModelStore, ModelVersion
 from inspection.training import PreparedSet, TrainConfig, predict, train_supervised
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,10 @@ def bench_data(bench: str, seed: int, card_data: dict | None = None, val_fractio
 def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Path | str, out_root: Path | str,
                 modalities: Sequence[str] | None = None, dim: int = 256, image_size: int = 224, moe: bool = True,
                 resume: bool = False, progress: bool = True, overrides: Sequence[str] = (),
-                val_fraction: float | None = None) -> ModelVersion:
-    """Train one model on a bench split and save it (uncalibrated) to its store. ``val_fraction`` (elpv only)
-    sets the share of the training split held out for validation; 0 trains on all of it."""
+                val_fraction: float | None = None, keep: int = DEFAULT_KEEP) -> ModelVersion:
+    """Train one model on a bench split and save it (uncalibrated) to its store, which then keeps its newest
+    ``keep`` versions. ``val_fraction`` (elpv only) sets the share of the training split held out for validation;
+    0 trains on all of it."""
     data = bench_data(bench, seed, val_fraction=val_fraction)
     if modalities:
         unknown = set(modalities) - set(MODALITIES)
@@ -104,17 +105,18 @@ def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Pa
         "data": _data_card(data, val_fraction), "history": result.history, "train_seconds": round(result.seconds, 1),
         "threshold_version": None,
     }
-    store = ModelStore(Path(store_root) / name)
+    store = ModelStore(Path(store_root) / name, keep=keep)
     version = store.save(result.model.state_dict(), card, promote=True)
     log.info("saved %s as %s", name, version.version)
     return version
 
 
 def calibrate_version(store_root: Path | str, name: str, version: str | None = None, *, method: str = "max_f1",
-                      target_far: float = 0.01, device: str = "cpu", threshold: float | None = None) -> ModelVersion:
+                      target_far: float = 0.01, device: str = "cpu", threshold: float | None = None,
+                      keep: int = DEFAULT_KEEP) -> ModelVersion:
     """Calibrate a stored model on its bench's validation units (``method="fixed"``: set ``threshold`` for every
-    line, no validation data); saves a new, promoted version."""
-    store = ModelStore(Path(store_root) / name)
+    line, no validation data); saves a new, promoted version (the store then keeps its newest ``keep``)."""
+    store = ModelStore(Path(store_root) / name, keep=keep)
     base = store.get(version) if version else store.promoted()
     if base is None:
         raise StoreError(f"no model in {store.root}; train one first (`inspection train`)")

@@ -234,6 +234,10 @@ def _read_json(path: Path, what: str) -> Any:
         raise StoreError(f"{what} {path} cannot be read as JSON: {exc}") from exc
 
 
+#: How many of the newest versions a store keeps by default (besides the promoted one and the rollback target).
+DEFAULT_KEEP = 3
+
+
 class ModelStore:
     """A directory of versioned model artifacts with promotion, rollback and pruning.
 
@@ -259,7 +263,7 @@ class ModelStore:
         StoreError: ``keep`` is not a positive integer, or ``root`` cannot be created.
     """
 
-    def __init__(self, root: Path | str, keep: int = 3) -> None:
+    def __init__(self, root: Path | str, keep: int = DEFAULT_KEEP) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise StoreError(f"keep must be an integer >= 1 (how many newest versions to keep); got {keep!r}")
         self.root = Path(root)

@@ -455,7 +455,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         version = train_bench(args.bench, seed, dataclasses.replace(cfg, seed=seed),
                               store_root=args.store, out_root=args.out, modalities=modalities, dim=args.dim,
                               image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
-                              overrides=args.model_set, val_fraction=args.val_fraction)
+                              overrides=args.model_set, val_fraction=args.val_fraction, keep=_keep(args.seeds))
         last = version.card["history"][-1]
         print(json.dumps({"bench": args.bench, "seed": seed, "version": version.version, "store": str(version.path),
                           "last_epoch": last}, default=str), flush=True)
@@ -475,7 +475,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         targets = [args.version] if args.version else _uncalibrated_latest(store, args.seeds)
         for version in targets:
             v = calibrate_version(args.store, name, version, method=args.method, target_far=args.target_far,
-                                  device=args.device, threshold=args.threshold)
+                                  device=args.device, threshold=args.threshold, keep=_keep(args.seeds))
             print(json.dumps({"model": name, "from": version, "version": v.version,
                               "calibration": v.card["calibration"]}, default=_plain_json), flush=True)
     return 0
@@ -492,6 +492,14 @@ def _plain_json(obj):
     return str(obj)
 
 
+def _keep(seeds) -> int:
+    """Versions a store keeps while a command works through ``seeds``: at least one per seed, so that saving one
+    seed's model never prunes another seed's (trained, or waiting for its threshold)."""
+    from inspection.store import DEFAULT_KEEP
+
+    return max(DEFAULT_KEEP, len(seeds or ()))
+
+
 def _uncalibrated_latest(store, seeds) -> list[str]:
     """The newest uncalibrated version per seed, in store order (or the promoted one when no seeds are given)."""
     if not seeds:
@@ -505,8 +513,8 @@ def _uncalibrated_latest(store, seeds) -> list[str]:
     missing = [s for s in seeds if s not in latest]
     if missing:
         raise ConfigError(f"{store.root} has no uncalibrated model for seed(s) {missing}")
-    # In store order, oldest first: each calibrated save prunes the store's oldest versions, which must already be
-    # done by then (seeds trained side by side land in any order).
+    # In store order, oldest first: each calibrated save prunes the store's oldest versions beyond one per seed
+    # (see _keep), which must already be done by then (seeds trained side by side land in any order).
     chosen = set(latest.values())
     return [v.version for v in versions if v.version in chosen]
 

@@ -331,21 +331,24 @@ def test_image_jitter_off_is_a_pure_flip_or_rotation():
             TrainConfig(**bad)
 
 
-def test_calibrating_several_seeds_keeps_every_one(tmp_path, capsys):
+@pytest.mark.parametrize("order", [(1, 2, 0), (3, 1, 4, 0, 2)], ids=["3-seeds", "5-seeds"])
+def test_calibrating_several_seeds_keeps_every_one(tmp_path, capsys, order):
     """Seeds trained side by side land in the store in any order; calibrating them all must not let the
-    store's pruning (newest 3 kept) delete a version that is still waiting for its threshold."""
+    store's pruning (newest 3 kept by default) delete a version that is still waiting for its threshold, however
+    many seeds there are."""
     from inspection.model import InspectionModel
     from inspection.store import ModelStore
     from services.cli import main
 
-    store = ModelStore(tmp_path / "bearings")
-    for seed in (1, 2, 0):
+    store = ModelStore(tmp_path / "bearings", keep=len(order))  # as `train --seeds` leaves it
+    for seed in order:
         card = {"name": "bearings", "bench": "bearings", "seed": seed, "modalities": ["vibration"],
                 "model_config": tiny_config().to_dict(), "data": {"val_fraction": None}, "threshold_version": None}
         store.save(InspectionModel(tiny_config()).state_dict(), card, promote=True)
-    assert main(["calibrate", "--bench", "bearings", "--seeds", "0", "1", "2", "--method", "fixed",
+    seeds = [str(s) for s in sorted(order)]
+    assert main(["calibrate", "--bench", "bearings", "--seeds", *seeds, "--method", "fixed",
                  "--threshold", "0.5", "--store", str(tmp_path)]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert len(lines) == 3
+    assert len(lines) == len(order)
     calibrated = [v for v in store.versions() if v.card.get("threshold_version")]
-    assert sorted(v.card["seed"] for v in calibrated) == [0, 1, 2]
+    assert sorted(v.card["seed"] for v in calibrated) == sorted(order)
