@@ -25,9 +25,12 @@ demo: install
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
 # Triton kernels run on the CPU under the interpreter, which must be switched on before triton is imported:
 # they get their own pytest process.
+# The kernel tests run even when the first call fails; the target fails if either did.
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not interpret" --ignore=tests/kernels
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m interpret tests/kernels
+	@rc=0; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not interpret" --ignore=tests/kernels || rc=$$?; \
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m interpret tests/kernels || rc=$$?; \
+	exit $$rc
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not interpret"

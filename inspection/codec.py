@@ -266,6 +266,7 @@ def decode_reading(
     headers: Headers | None,
     *,
     key: bytes | None = None,
+    require_key: bool = False,
     expected_modality: str | None = None,
     limits: CodecLimits | None = None,
 ) -> Reading:
@@ -275,6 +276,8 @@ def decode_reading(
         value: the message value (payload).
         headers: the message headers as ``(name, bytes)`` pairs.
         key: the message key; when present it must equal ``ce_subject``.
+        require_key: reject a message without a key (the wire contract: key = unit_id) instead of only
+            checking a key that is present.
         expected_modality: the modality of the topic the message came from; a different ``ce_type`` is rejected.
         limits: size limits; defaults to :class:`CodecLimits()`.
 
@@ -296,6 +299,8 @@ def decode_reading(
     _require(h, _REQUIRED)
     if modality != "vision":
         _require(h, _REQUIRED_ARRAY)
+    if key is None and require_key:
+        raise RecordError(Reason.MISSING_KEY, f"message has no key; the key must be the unit id ({h['ce_subject']!r})")
     if key is not None:
         try:
             key_text = bytes(key).decode("utf-8")

@@ -22,11 +22,17 @@ Promotion is append-only history. The promoted version is the last entry of ``pr
 version still exists. :meth:`ModelStore.rollback` promotes the entry before it (skipping entries equal to
 the current version, and versions that no longer exist) and records that as a new entry, so a rollback is
 itself a promotion and a second rollback undoes the first (promote a, promote b, rollback -> a,
-rollback -> b).
+rollback -> b). :meth:`ModelStore.promote` and :meth:`ModelStore.rollback` verify the weights' SHA-256
+first, and ``promote`` refuses an uncalibrated version, which a service would refuse to serve.
+
+Only writing creates anything: :meth:`ModelStore.save` creates a missing root (as ``ModelStore(root,
+create=True)`` does at once), while reading a missing store is an error that names the path. Readers never
+write, so a store on a read-only mount serves and lists; writers on it fail with an error saying so.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -44,7 +50,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from inspection.errors import StoreError
@@ -55,6 +61,10 @@ WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
 PROMOTIONS_FILE = "promotions.json"
 LOCK_FILE = ".lock"
+#: Card field naming the calibration of the weights; empty or missing means the version is uncalibrated.
+THRESHOLD_VERSION_FIELD = "threshold_version"
+#: State-dict key of the model's per-line decision thresholds (NaN until calibrated).
+THRESHOLDS_TENSOR = "thresholds"
 #: Card fields the store writes itself; a caller's card may not use these keys.
 STORE_FIELDS: tuple[str, ...] = (
     "version", "created", "weights_file", "weights_sha256", "weights_bytes", "tensors", "format",
@@ -254,26 +264,32 @@ class ModelStore:
     shared one, so several processes may share a store. A save is written into a temporary directory inside
     ``root`` and renamed into place, so a version directory is either complete or absent.
 
+    Readers (load, get, versions, promoted) create and write nothing: they open ``.lock`` read-only, and read
+    without it when it is absent (no writer ever ran, and writers only rename complete files into place) or
+    cannot be locked in a store this process cannot write (a read-only mount). A missing ``root`` is an
+    error for every method but :meth:`save`, so a mistyped path never turns into a new, empty store.
+
     Args:
-        root: the store's directory; created if missing.
+        root: the store's directory.
         keep: how many of the newest versions pruning keeps (at least 1), besides the promoted version and
             the rollback target.
+        create: create ``root`` (and its parents) now if it is missing, for a writer that reads a store it
+            may be about to start (e.g. to see whether a model is there yet). Without it nothing is created
+            before the first :meth:`save`.
 
     Raises:
-        StoreError: ``keep`` is not a positive integer, or ``root`` cannot be created.
+        StoreError: ``keep`` is not a positive integer, ``root`` is not a directory, or it cannot be created.
     """
 
-    def __init__(self, root: Path | str, keep: int = DEFAULT_KEEP) -> None:
+    def __init__(self, root: Path | str, keep: int = DEFAULT_KEEP, *, create: bool = False) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise StoreError(f"keep must be an integer >= 1 (how many newest versions to keep); got {keep!r}")
         self.root = Path(root)
         self.keep = keep
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create model store directory {self.root}: {exc}") from exc
-        if not self.root.is_dir():
-            raise StoreError(f"model store root {self.root} exists but is not a directory")
+        if create:
+            self._make_root()
+        elif self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"model store root {self.root} exists but is not a directory; expected a store directory")
 
     def __repr__(self) -> str:
         return f"ModelStore(root={str(self.root)!r}, keep={self.keep})"
@@ -291,18 +307,21 @@ class ModelStore:
                 memory; shared and non-contiguous tensors are fine.
             card: the model card (config, data, metrics, threshold version, ...): JSON values only, and none
                 of the keys in :data:`STORE_FIELDS`, which the store adds.
-            promote: promote the new version once it is saved.
+            promote: promote the new version once it is saved. Unlike :meth:`promote` this does not require a
+                calibrated version: training promotes its model before ``inspection calibrate`` saves the
+                calibrated one.
 
         Returns:
             The saved version.
 
         Raises:
-            StoreError: a key or value of ``state_dict`` or ``card`` is invalid (the message names it), or
-                the artifact cannot be written.
+            StoreError: a key or value of ``state_dict`` or ``card`` is invalid (the message names it), the
+                store is read-only, or the artifact cannot be written.
         """
         card_fields = _check_card(card)
         tensors = _prepare_tensors(state_dict)
-        with self._lock(exclusive=True):
+        self._make_root()
+        with self._lock(exclusive=True, action="save a new version"):
             tmp = self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
             try:
                 tmp.mkdir()
@@ -356,8 +375,8 @@ class ModelStore:
             the card.
 
         Raises:
-            StoreError: nothing is promoted (for ``version=None``), the version is unknown, the card's format
-                is not :data:`STORE_FORMAT`, or the weights are tampered or corrupted.
+            StoreError: the store does not exist, nothing is promoted (for ``version=None``), the version is
+                unknown, the card's format is not :data:`STORE_FORMAT`, or the weights are tampered or corrupted.
         """
         with self._lock(exclusive=False):
             if version is None:
@@ -371,18 +390,9 @@ class ModelStore:
                 version = current
             entry = self._get_locked(version)
             card = entry.card
-            weights_path = entry.path / card["weights_file"]
-            expected_bytes = card["weights_bytes"]
-            try:
-                actual_bytes = weights_path.stat().st_size
-            except OSError as exc:
-                raise StoreError(f"weights file {weights_path} of version {version} cannot be read: {exc}") from exc
-            actual = state_dict_sha256(weights_path)
-            if actual != entry.sha256 or actual_bytes != expected_bytes:
-                raise StoreError(
-                    f"weights file {weights_path} of version {version} is tampered or corrupted: expected sha256 "
-                    f"{entry.sha256} ({expected_bytes} bytes), found sha256 {actual} ({actual_bytes} bytes)"
-                )
+            weights_path = self._verify_weights_locked(
+                entry, "restore the file or save the model again as a new version"
+            )
             try:
                 state_dict = load_file(weights_path, device=str(device))
             except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -394,7 +404,11 @@ class ModelStore:
         return state_dict, _thaw(card)
 
     def versions(self) -> list[ModelVersion]:
-        """All versions on disk, oldest first."""
+        """All versions on disk, oldest first.
+
+        Raises:
+            StoreError: the store does not exist or cannot be read.
+        """
         with self._lock(exclusive=False):
             current = self._current_locked()
             return [self._read_version(v, promoted=v == current) for v in self._version_dirs()]
@@ -403,13 +417,17 @@ class ModelStore:
         """One version.
 
         Raises:
-            StoreError: the version is not in the store (the message lists the known ones).
+            StoreError: the store does not exist, or the version is not in it (the message lists the known ones).
         """
         with self._lock(exclusive=False):
             return self._get_locked(version)
 
     def promoted(self) -> ModelVersion | None:
-        """The promoted version, or ``None`` when nothing (still existing) was ever promoted."""
+        """The promoted version, or ``None`` when nothing (still existing) was ever promoted.
+
+        Raises:
+            StoreError: the store does not exist or cannot be read.
+        """
         with self._lock(exclusive=False):
             current = self._current_locked()
             return None if current is None else self._read_version(current, promoted=True)
@@ -417,13 +435,21 @@ class ModelStore:
     def promote(self, version: str) -> ModelVersion:
         """Make ``version`` the promoted one, appending it to the promotion history.
 
-        Promoting the version that is already promoted changes nothing.
+        The version's weights are verified against the SHA-256 in its card, and it must be calibrated: its
+        card names a ``threshold_version`` and its ``thresholds`` tensor, if it has one, is finite. A
+        service refuses an uncalibrated model, so promoting one would fail every running service's hot
+        reload. Promoting the version that is already promoted changes nothing.
 
         Raises:
-            StoreError: the version is not in the store.
+            StoreError: the store does not exist or is read-only, the version is not in it, its weights are
+                tampered or corrupted, or it is not calibrated.
         """
-        with self._lock(exclusive=True):
-            self._get_locked(version)
+        with self._lock(exclusive=True, action=f"promote {version}"):
+            entry = self._get_locked(version)
+            weights_path = self._verify_weights_locked(
+                entry, "refusing to promote it; restore the file or save the model again as a new version"
+            )
+            self._check_calibrated_locked(entry, weights_path)
             self._promote_locked(version)
             return self._get_locked(version)
 
@@ -432,12 +458,14 @@ class ModelStore:
 
         The target is the latest history entry before the current one that names a different, still
         existing version. The rollback is recorded as a new promotion, so rolling back twice returns to the
-        version promoted before the first rollback.
+        version promoted before the first rollback. The target's weights are verified against the SHA-256 in
+        its card first.
 
         Raises:
-            StoreError: nothing is promoted, or no earlier, different version was ever promoted.
+            StoreError: the store does not exist or is read-only, nothing is promoted, no earlier, different
+                version was ever promoted, or the target's weights are tampered or corrupted.
         """
-        with self._lock(exclusive=True):
+        with self._lock(exclusive=True, action="roll back"):
             current = self._current_locked()
             if current is None:
                 raise StoreError(f"cannot roll back: no version of the model store {self.root} is promoted")
@@ -447,6 +475,10 @@ class ModelStore:
                     f"cannot roll back from {current}: no other existing version was promoted before it "
                     f"(known versions: {self._known_list()}); promote one explicitly with ModelStore.promote"
                 )
+            self._verify_weights_locked(
+                self._get_locked(target),
+                f"refusing to roll back to it from {current}; restore the file, or promote another version",
+            )
             self._promote_locked(target)
             return self._get_locked(target)
 
@@ -455,23 +487,132 @@ class ModelStore:
 
         Returns:
             The deleted version ids, oldest first.
+
+        Raises:
+            StoreError: the store does not exist or is read-only.
         """
-        with self._lock(exclusive=True):
+        with self._lock(exclusive=True, action="prune old versions"):
             return self._prune_locked()
 
     # ----------------------------------------------------------------------------------------------- private
 
-    @contextmanager
-    def _lock(self, *, exclusive: bool) -> Iterator[None]:
+    def _make_root(self) -> None:
+        if self.root.is_dir():
+            return
+        if self.root.exists():
+            raise StoreError(f"model store root {self.root} exists but is not a directory; expected a store directory")
         try:
-            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot open the lock file of model store {self.root}: {exc}") from exc
+            raise StoreError(f"cannot create model store directory {self.root}: {exc}") from exc
+
+    def _require_root(self) -> None:
+        if self.root.is_dir():
+            return
+        if self.root.exists():
+            raise StoreError(f"model store root {self.root} exists but is not a directory; expected a store directory")
+        raise StoreError(
+            f"model store {self.root} does not exist; expected a store directory written by `inspection train` "
+            "(or ModelStore.save). Check the path (--store, or model.store in the service config); nothing was "
+            "created"
+        )
+
+    def _writable(self) -> bool:
+        kwargs = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+        return os.access(self.root, os.W_OK | os.X_OK, **kwargs)
+
+    def _read_only_error(self, action: str, detail: str = "not writable by this process") -> StoreError:
+        return StoreError(
+            f"model store {self.root} is read-only ({detail}): cannot {action}. Reading it (serving, "
+            "`inspection models list`) works; to change it, run against a writable copy of the store or "
+            "mount it read-write"
+        )
+
+    @contextmanager
+    def _lock(self, *, exclusive: bool, action: str = "read it") -> Iterator[None]:
+        """Hold the store's lock: exclusive for writers, shared for readers, which open nothing for writing."""
+        self._require_root()
+        path = self.root / LOCK_FILE
+        fd: int | None
+        if exclusive:
+            if not self._writable():
+                raise self._read_only_error(action)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise self._read_only_error(action, f"{path}: {exc.strerror}") from exc
+                raise StoreError(f"cannot open the lock file {path} of model store {self.root}: {exc}") from exc
+        else:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = None  # no writer ever ran here (each creates the lock first); read unlocked, create nothing
+            except OSError as exc:
+                if self._writable():
+                    raise StoreError(
+                        f"cannot open the lock file {path} of model store {self.root} for reading: {exc}; make "
+                        "it readable by this process"
+                    ) from exc
+                fd = None  # a store we cannot write: no writer of ours can run, read unlocked
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                except OSError as exc:
+                    if exclusive or self._writable():
+                        raise StoreError(f"cannot lock {path} of model store {self.root}: {exc}") from exc
             yield
         finally:
-            os.close(fd)  # closing the descriptor releases the lock
+            if fd is not None:
+                os.close(fd)  # closing the descriptor releases the lock
+
+    def _verify_weights_locked(self, entry: ModelVersion, what_next: str) -> Path:
+        """Check a version's weights file against the size and SHA-256 in its card; return its path."""
+        card = entry.card
+        weights_path = entry.path / card["weights_file"]
+        expected_bytes = card["weights_bytes"]
+        try:
+            actual_bytes = weights_path.stat().st_size
+        except OSError as exc:
+            raise StoreError(
+                f"weights file {weights_path} of version {entry.version} cannot be read: {exc}; {what_next}"
+            ) from exc
+        actual = state_dict_sha256(weights_path)
+        if actual != entry.sha256 or actual_bytes != expected_bytes:
+            raise StoreError(
+                f"weights file {weights_path} of version {entry.version} is tampered or corrupted: expected sha256 "
+                f"{entry.sha256} ({expected_bytes} bytes), found sha256 {actual} ({actual_bytes} bytes); "
+                f"{what_next}"
+            )
+        return weights_path
+
+    def _check_calibrated_locked(self, entry: ModelVersion, weights_path: Path) -> None:
+        """Refuse a version a service would refuse: no threshold version in its card, or non-finite thresholds."""
+        what_next = (
+            f"run `inspection calibrate` on it first (it saves and promotes a calibrated version); a service "
+            f"refuses an uncalibrated model, so promoting {entry.version} would fail every running service's "
+            "hot reload"
+        )
+        threshold_version = entry.card.get(THRESHOLD_VERSION_FIELD)
+        if threshold_version is None or threshold_version == "":
+            raise StoreError(
+                f"version {entry.version} in {self.root} is not calibrated: its card has {THRESHOLD_VERSION_FIELD} "
+                f"{threshold_version!r}, expected the version of its calibration; {what_next}"
+            )
+        try:
+            with safe_open(weights_path, framework="pt") as weights:
+                names = set(weights.keys())
+                thresholds = weights.get_tensor(THRESHOLDS_TENSOR) if THRESHOLDS_TENSOR in names else None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise StoreError(f"cannot read {THRESHOLDS_TENSOR!r} from weights file {weights_path}: {exc}") from exc
+        if thresholds is not None and not bool(torch.isfinite(thresholds).all()):
+            bad = int((~torch.isfinite(thresholds)).sum())
+            raise StoreError(
+                f"version {entry.version} in {self.root} is not calibrated: {bad} of {thresholds.numel()} values "
+                f"of its {THRESHOLDS_TENSOR!r} tensor are NaN or infinite (expected all finite; its card names "
+                f"{THRESHOLD_VERSION_FIELD} {threshold_version!r}); {what_next}"
+            )
 
     def _version_dirs(self) -> list[str]:
         """Version ids on disk, ordered by their sequence number (oldest first)."""

@@ -16,6 +16,7 @@ acknowledged. With the join's held offsets it gives the commit position: the low
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -40,16 +41,24 @@ class EventTimeAligner:
     delivered last, so the watermark cannot pass it. In real-time operation (readings of a unit within
     seconds of each other, ``lag_ms`` of tens of seconds) nothing ever waits.
 
+    A record's Kafka timestamp is producer-set and may be wrong: one further ahead of the wall clock than
+    ``max_future_ms`` counts as the wall clock plus that skew, so a single far-future timestamp cannot make the
+    alignment stop waiting for a topic on its partition for good.
+
     Args:
         topics: the input topics, in tie-break order.
         idle_s: longest wait for a topic that delivers nothing, in seconds of the caller's clock.
         lag_ms: the join's watermark lag in milliseconds.
+        max_future_ms: largest lead of a timestamp over the wall clock that is taken as it is; None trusts every
+            timestamp.
     """
 
-    def __init__(self, topics: Iterable[str], idle_s: float, lag_ms: float) -> None:
+    def __init__(self, topics: Iterable[str], idle_s: float, lag_ms: float,
+                 max_future_ms: float | None = None) -> None:
         self.topics = tuple(topics)
         self.idle_s = float(idle_s)
         self.lag_ms = float(lag_ms)
+        self.max_future_ms = None if max_future_ms is None else float(max_future_ms)
         self._order = {t: i for i, t in enumerate(self.topics)}
         self._buffers: dict[TopicPartitionKey, deque[Any]] = {}
         self._last_ts: dict[TopicPartitionKey, int] = {}
@@ -113,8 +122,9 @@ class EventTimeAligner:
         ready = [(t, buf) for t, buf in heads if buf]
         if not ready:
             return None
-        topic, buf = min(ready, key=lambda tb: (_timestamp(tb[1][0]), self._order[tb[0]], tb[1][0].offset))
-        head = _timestamp(buf[0])
+        ceiling = None if self.max_future_ms is None else int(time.time() * 1000 + self.max_future_ms)
+        topic, buf = min(ready, key=lambda tb: (_timestamp(tb[1][0], ceiling), self._order[tb[0]], tb[1][0].offset))
+        head = _timestamp(buf[0], ceiling)
         if self._must_wait(p, head, [t for t, b in heads if not b], now, owned):
             self.waiting = True
             return None
@@ -141,9 +151,10 @@ class EventTimeAligner:
         self._waiting_since.clear()
 
 
-def _timestamp(record: Any) -> int:
+def _timestamp(record: Any, ceiling: int | None = None) -> int:
     ts = getattr(record, "timestamp", None)
-    return ts if isinstance(ts, int) and ts >= 0 else 0
+    ts = ts if isinstance(ts, int) and ts >= 0 else 0
+    return ts if ceiling is None else min(ts, ceiling)
 
 
 class OffsetTracker:

@@ -276,7 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     store = Path(args.store)
     from inspection.store import ModelStore
 
-    promoted = ModelStore(store).promoted()
+    promoted = ModelStore(store, create=True).promoted()  # the demo trains into a new store
     if promoted is None or not promoted.card.get("threshold_version"):
         print(f"[demo] no calibrated model in {store}: training the small demo model on CPU (about a minute on "
               "2 cores; once)", file=sys.stderr)
@@ -694,7 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "anomaly-free run")
     ev.set_defaults(func=cmd_evaluate)
 
-    mo = sub.add_parser("models", help="list, promote or roll back stored model versions")
+    mo = sub.add_parser("models", help="list, promote or roll back stored model versions",
+                        description="list works on a read-only store; promote verifies the version's weights "
+                                    "(sha256) and refuses an uncalibrated one; rollback verifies its target")
     mo.add_argument("action", choices=["list", "promote", "rollback"])
     mo.add_argument("version", nargs="?")
     mo.add_argument("--store", required=True, help="a model family's store, e.g. models/elpv")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -420,3 +422,162 @@ def wait_for_assignment(consumer: KafkaConsumer, timeout_s: float) -> set[TopicP
     except KafkaError as exc:
         raise BrokerError(f"polling for a partition assignment failed: {type(exc).__name__}: {exc}") from exc
     return assigned
+
+
+def wait_for_group(consumers: Sequence[KafkaConsumer], settled: Callable[[list[set[TopicPartition]]], bool],
+                   timeout_s: float) -> list[set[TopicPartition]]:
+    """Poll several members of one group side by side, each from its own thread, until ``settled`` holds.
+
+    Members of a group must each keep polling while the group forms, as separate processes do. Polling them in
+    turn from one thread is not enough: kafka-python 3.0 completes a JoinGroup/SyncGroup round in the
+    background, but when no ``poll()`` of that member is waiting at that moment, its next ``poll()`` discards
+    the finished round and sends a new JoinGroup. A broker that holds each JoinGroup for a fixed time (the
+    embedded broker holds it for half the session timeout) then answers each new round at the same phase of
+    the callers' loop, so one member can miss every round and keep no partitions for as long as the loop runs.
+    Records polled here are put back (each partition is rewound to its first record returned).
+
+    Args:
+        consumers: subscribed consumers of one group.
+        settled: called with the members' assignments; True once the group is as expected.
+        timeout_s: seconds to wait at most.
+
+    Returns:
+        The members' assignments, in the order of ``consumers``.
+
+    Raises:
+        BrokerError: the group did not settle within ``timeout_s``, or polling failed.
+    """
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    rewinds: list[dict[TopicPartition, int]] = [{} for _ in consumers]
+
+    def run(consumer: KafkaConsumer, rewind: dict[TopicPartition, int]) -> None:
+        try:
+            while not stop.is_set():
+                for tp, records in consumer.poll(timeout_ms=100).items():
+                    if records and tp not in rewind:
+                        rewind[tp] = records[0].offset
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c, r), daemon=True) for c, r in zip(consumers, rewinds,
+                                                                                       strict=True)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            assignments = [set(c.assignment()) for c in consumers]
+            if settled(assignments) or errors or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise BrokerError(f"polling a group member failed: {type(errors[0]).__name__}: {errors[0]}") from errors[0]
+    assignments = [set(c.assignment()) for c in consumers]
+    if not settled(assignments):
+        raise BrokerError(f"the group did not settle within {timeout_s:g} s; assignments: "
+                          f"{[sorted(f'{tp.topic}[{tp.partition}]' for tp in a) for a in assignments]}")
+    for consumer, rewind, assigned in zip(consumers, rewinds, assignments, strict=True):
+        for tp, offset in rewind.items():
+            if tp in assigned:
+                consumer.seek(tp, offset)
+    return assignments
+
+
+# ------------------------------------------------------------------------------------ undecodable batches
+
+
+@dataclass(frozen=True)
+class UndecodableBatch:
+    """A fetched record batch the client could not decode (corrupt payload, or a codec it lacks).
+
+    Attributes:
+        topic, partition: where it lies.
+        first_offset: offset of its first record (or the fetch position, when the batch itself is unknown).
+        next_offset: the offset after its last record: where reading resumes.
+        first_timestamp_ms: its first record's timestamp from the batch header (-1 when unknown).
+        codec: its compression codec by name (``"unknown"`` when unknown).
+        error: the decoding error, as ``Type: message``.
+    """
+
+    topic: str
+    partition: int
+    first_offset: int
+    next_offset: int
+    first_timestamp_ms: int
+    codec: str
+    error: str
+
+    @property
+    def last_offset(self) -> int:
+        return self.next_offset - 1
+
+
+_CODEC_NAMES = {0: "none", 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
+
+
+def undecodable_batch(exc: BaseException, consumer: KafkaConsumer | None = None) -> UndecodableBatch | None:
+    """Locate the record batch a ``poll()`` failed to decode, from the error it raised.
+
+    kafka-python decodes a fetched batch lazily, inside ``poll()``: a batch whose payload cannot be
+    decompressed (or fails its checksum) raises out of ``poll()`` without saying where it lies, the position
+    does not move, and the same batch is fetched again forever (in kafka-python 3.0 the next ``poll()`` even
+    loops without returning, as its stale parsed fetch yields nothing yet is never drained). The batch header is
+    never compressed, and the failing frames of the client's own decoding still hold the batch and its
+    partition: they are read from the traceback. When the batch cannot be found there, the partition and fetch
+    position of the consumer's parsed fetch in flight give a one-offset range instead.
+
+    Args:
+        exc: what ``poll()`` raised.
+        consumer: the consumer that raised it (for the fallback).
+
+    Returns:
+        The batch, or None when the error is not a decoding failure of a located batch (a network or broker
+        error: retry).
+    """
+    from kafka.record.abc import ABCRecordBatch
+
+    batch, tp = None, None
+    tb = exc.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        candidate = local.get("batch")
+        if candidate is None and isinstance(local.get("self"), ABCRecordBatch):
+            candidate = local["self"]
+        if batch is None and isinstance(candidate, ABCRecordBatch):
+            batch = candidate
+        if isinstance(local.get("tp"), TopicPartition) and tb.tb_frame.f_code.co_name == "_unpack_records":
+            tp = local["tp"]
+        tb = tb.tb_next
+    error = f"{type(exc).__name__}: {exc}"[:500]
+    if batch is not None and tp is not None:
+        try:
+            first, nxt = int(batch.base_offset), int(batch.next_offset)
+            ts = int(getattr(batch, "first_timestamp", -1))
+            codec = _CODEC_NAMES.get(int(getattr(batch, "compression_type", -1)), "unknown")
+        except Exception:  # noqa: BLE001 - a header that cannot be read: fall through to the fetch position
+            pass
+        else:
+            if nxt > first >= 0:
+                return UndecodableBatch(tp.topic, tp.partition, first, nxt, ts, codec, error)
+    # the parsed fetch the client is stuck on (kafka-python 3.0 keeps it in ``_next_partition_records``)
+    part = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
+    part_tp = getattr(part, "topic_partition", None)
+    offset = getattr(part, "next_fetch_offset", None)
+    if isinstance(part_tp, TopicPartition) and isinstance(offset, int) and offset >= 0 and (
+            batch is not None or _is_decode_error(exc)):
+        return UndecodableBatch(part_tp.topic, part_tp.partition, offset, offset + 1, -1, "unknown", error)
+    return None
+
+
+def _is_decode_error(exc: BaseException) -> bool:
+    """Errors that come from decoding fetched bytes, not from the network or the broker."""
+    from kafka.errors import CorruptRecordError, UnsupportedCodecError
+
+    if isinstance(exc, CorruptRecordError | UnsupportedCodecError):
+        return True
+    return not isinstance(exc, KafkaError | OSError)

@@ -63,7 +63,7 @@ def ensure_demo_model(store_root: Path | str, *, seed: int = 0, train_units: int
     from inspection.data.composite import CompositeBuilder, CompositeConfig
     from inspection.training import PreparedSet, TrainConfig, predict, train_supervised
 
-    store = ModelStore(store_root)
+    store = ModelStore(store_root, create=True)
     promoted = store.promoted()
     if promoted is not None and promoted.card.get("threshold_version"):
         return promoted

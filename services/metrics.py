@@ -15,6 +15,9 @@ Metric names (all prefixed ``inspection_``):
 ``late_readings_total{reason}``        counter    readings after their unit's decision (``late``, ``line_mismatch``)
 ``duplicate_readings_total``           counter    repeated readings of a modality already joined (ignored)
 ``dlq_total{stage,reason}``            counter    records dead-lettered
+``undecodable_batches_total``          counter    record batches the client could not decode, skipped
+``poll_errors_total{error}``           counter    polls of the input topics that failed (retried; ``/readyz``
+                                                  fails until one succeeds)
 ``stage_seconds{stage}``               histogram  ``decode``, ``join`` (first reading to close), ``queue``
                                                   (close to scoring), ``prepare`` (preprocessing of a batch),
                                                   ``score`` (per batch, preprocessing included), ``produce``
@@ -74,6 +77,9 @@ class ServiceMetrics:
         self.late = Counter(f"{p}late_readings", "Readings after their unit was decided", ["reason"], registry=r)
         self.duplicates = Counter(f"{p}duplicate_readings", "Repeated readings of a joined modality", registry=r)
         self.dlq = Counter(f"{p}dlq", "Records dead-lettered", ["stage", "reason"], registry=r)
+        self.undecodable_batches = Counter(f"{p}undecodable_batches", "Record batches skipped as undecodable",
+                                           registry=r)
+        self.poll_errors = Counter(f"{p}poll_errors", "Failed polls of the input topics", ["error"], registry=r)
         self.stage_seconds = Histogram(f"{p}stage_seconds", "Latency per pipeline stage", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{p}batch_size", "Units per forward pass", buckets=_BATCH_BUCKETS, registry=r)

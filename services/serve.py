@@ -54,12 +54,19 @@ from kafka.errors import KafkaError
 
 from inspection.codec import decode_reading
 from inspection.data.history import ArchivedUnit
-from inspection.errors import BrokerError, ConfigError, InspectionError, RecordError
+from inspection.errors import BrokerError, ConfigError, InspectionError, Reason, RecordError
 from inspection.records import InputCoordinate
 from inspection.store import ModelStore
 from services import dlq as dlqmod
 from services.align import EventTimeAligner, OffsetTracker
-from services.clients import delivery_confirmed, make_consumer, make_producer, validate_bootstrap
+from services.clients import (
+    UndecodableBatch,
+    delivery_confirmed,
+    make_consumer,
+    make_producer,
+    undecodable_batch,
+    validate_bootstrap,
+)
 from services.drift import DriftMonitor
 from services.join import JoinedUnit, LateReading, UnitJoiner
 from services.metrics import Heartbeat, OpsServer, ServiceMetrics
@@ -81,6 +88,10 @@ DECISION_CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
 _DLQ_LOG_PER_MINUTE = 20
 _POLL_MS = 50
 _RETRY_MAX_S = 5.0
+#: Longest wait between two polls while polling keeps failing (it starts at a tenth of a second and doubles).
+_POLL_BACKOFF_MAX_S = 2.0
+#: Longest a commit (and the final commit and close at shutdown) may block the main loop, in ms.
+_COMMIT_TIMEOUT_MS = 5_000
 _LIVENESS_S = 60.0
 #: Seconds between full garbage collections of the main loop (see :meth:`StreamService._collect_garbage`).
 _GC_INTERVAL_S = 10.0
@@ -95,6 +106,30 @@ class WorkItem:
     last_arrival: float
     closed_at: float
     generation: int
+
+
+@dataclass(frozen=True)
+class _SkippedBatch:
+    """An undecodable record batch, queued in the alignment buffers in offset order like the records around it,
+    so that it is settled (dead-lettered and counted as processed) only after the records before it."""
+
+    batch: UndecodableBatch
+
+    @property
+    def topic(self) -> str:
+        return self.batch.topic
+
+    @property
+    def partition(self) -> int:
+        return self.batch.partition
+
+    @property
+    def offset(self) -> int:
+        return self.batch.first_offset
+
+    @property
+    def timestamp(self) -> int:
+        return self.batch.first_timestamp_ms
 
 
 @dataclass
@@ -214,6 +249,9 @@ class ServiceStats:
     max_queue_depth: int = 0
     gc_collections: int = 0
     gc_collected: int = 0
+    poll_errors: int = 0
+    undecodable_batches: int = 0
+    out_of_bounds: int = 0
     model_versions: list[str] = field(default_factory=list)
 
 
@@ -246,7 +284,8 @@ class StreamService:
         # main-thread state
         self._joiner = UnitJoiner(config.join.join_config())
         self._aligner = EventTimeAligner(self.topics.inputs, config.join.align_idle_ms / 1000.0,
-                                        config.join.watermark_lag_s * 1000.0)
+                                        config.join.watermark_lag_s * 1000.0,
+                                        max_future_ms=config.join.max_future_skew_s * 1000.0)
         self._tracker = OffsetTracker()
         self._arrivals: dict[str, tuple[float, float]] = {}
         self._assignment: set[TopicPartition] = set()
@@ -259,6 +298,8 @@ class StreamService:
         self._paused_total = 0.0
         self._paused_since: float | None = None
         self._seen_duplicates = 0
+        self._poll_failing_since: float | None = None
+        self._poll_failures = 0
         # shared through queues / the condition
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._rebalance_events: queue.SimpleQueue = queue.SimpleQueue()
@@ -413,6 +454,10 @@ class StreamService:
             return False, "no model loaded"
         if not self._assignment:
             return False, "no partitions assigned yet"
+        failing = self._poll_failing_since
+        if failing is not None:
+            return False, (f"input not consumed: polling has failed {self._poll_failures} times in a row for "
+                           f"{time.monotonic() - failing:.1f} s")
         return True, f"ok: model {self._serving.version}, {len(self._assignment)} partitions"
 
     # ---------------------------------------------------------------------------------------- main loop
@@ -424,11 +469,7 @@ class StreamService:
             self._heartbeat.beat()
             polled = {}
             if self._input_open():
-                try:
-                    polled = self._consumer.poll(timeout_ms=_POLL_MS, max_records=cfg.kafka.max_poll_records)
-                except KafkaError as exc:
-                    log.warning("polling the input topics failed (%s: %s); retrying", type(exc).__name__, exc)
-                    time.sleep(0.5)
+                polled = self._poll(cfg.kafka.max_poll_records)
             else:
                 self._keep_membership()
                 with self._cv:  # wait for the scorer to make room (or for the alignment to move on)
@@ -455,6 +496,58 @@ class StreamService:
             if time.monotonic() >= self._next_gc:
                 self._collect_garbage()
             self._update_gauges()
+
+    def _poll(self, max_records: int) -> dict:
+        """One poll of the input topics. No error escapes: a batch the client cannot decode is queued to be
+        skipped and dead-lettered (:meth:`_skip_batch`); anything else is logged, counted and retried after a
+        backoff that :meth:`stop` cuts short, and makes ``/readyz`` fail until a poll succeeds again."""
+        try:
+            polled = self._consumer.poll(timeout_ms=_POLL_MS, max_records=max_records)
+        except Exception as exc:  # noqa: BLE001 - nothing the client raises may stop the service
+            batch = undecodable_batch(exc, self._consumer)
+            if batch is not None and TopicPartition(batch.topic, batch.partition) in self._assignment:
+                self._skip_batch(batch)
+                return {}
+            self._poll_failures += 1
+            self.stats.poll_errors += 1
+            self.metrics.poll_errors.labels(type(exc).__name__).inc()
+            if self._poll_failing_since is None:
+                self._poll_failing_since = time.monotonic()
+            delay = min(_POLL_BACKOFF_MAX_S, 0.1 * 2 ** min(self._poll_failures - 1, 5))
+            level = logging.WARNING if self._dlq_log.allow("poll") else logging.DEBUG
+            log.log(level, "polling the input topics failed %d times in a row (%s: %s); retrying in %.1f s",
+                    self._poll_failures, type(exc).__name__, exc, delay)
+            self._stop.wait(delay)
+            return {}
+        self._poll_failures = 0
+        self._poll_failing_since = None
+        return polled
+
+    def _skip_batch(self, batch: UndecodableBatch) -> None:
+        """Move the consumer past an undecodable batch now; queue its dead letter behind the records before it."""
+        tp = TopicPartition(batch.topic, batch.partition)
+        log.error("cannot decode the record batch at %s[%d]@%d..%d (codec %s): %s; skipping it", batch.topic,
+                  batch.partition, batch.first_offset, batch.last_offset, batch.codec, batch.error,
+                  extra={"coordinate": f"{batch.topic}[{batch.partition}]@{batch.first_offset}", "stage": "fetch",
+                         "reason": dlqmod.UNDECODABLE_BATCH})
+        try:
+            self._consumer.seek(tp, batch.next_offset)
+        except (ValueError, KafkaError) as exc:  # revoked meanwhile: its next owner meets the batch itself
+            log.warning("cannot seek %s[%d] past the undecodable batch: %s", batch.topic, batch.partition, exc)
+            return
+        self.stats.undecodable_batches += 1
+        self.metrics.undecodable_batches.inc()
+        self._aligner.add(_SkippedBatch(batch))
+
+    def _settle_skipped(self, skipped: _SkippedBatch) -> None:
+        """The records before a skipped batch went through: dead-letter its marker and count it processed."""
+        b = skipped.batch
+        self._tracker.processed(b.topic, b.partition, b.last_offset)
+        letter = dlqmod.batch_marker(topic=b.topic, partition=b.partition, first_offset=b.first_offset,
+                                     last_offset=b.last_offset, codec=b.codec,
+                                     detail=f"the record batch at offsets {b.first_offset}..{b.last_offset} "
+                                            f"(codec {b.codec}) could not be decoded: {b.error}")
+        self._send_dead_letter(letter, self._tracker.hold([letter.coordinate]))
 
     def _collect_garbage(self) -> None:
         """One full collection of cyclic garbage, every ``_GC_INTERVAL_S`` seconds.
@@ -515,8 +608,12 @@ class StreamService:
         instead of waiting for this member: read at most one record and seek its partition back to it."""
         try:
             polled = self._consumer.poll(timeout_ms=0, max_records=1)
-        except KafkaError as exc:
-            log.warning("polling the input topics failed (%s: %s); retrying", type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - as in _poll
+            batch = undecodable_batch(exc, self._consumer)
+            if batch is not None and TopicPartition(batch.topic, batch.partition) in self._assignment:
+                self._skip_batch(batch)
+            else:
+                log.warning("polling the input topics failed (%s: %s); retrying", type(exc).__name__, exc)
             return
         for tp, records in polled.items():
             if not records:
@@ -597,13 +694,16 @@ class StreamService:
 
     # ------------------------------------------------------------------------------------------ records
     def _handle_record(self, record: Any) -> None:
+        if isinstance(record, _SkippedBatch):
+            self._settle_skipped(record)
+            return
         coordinate = InputCoordinate(record.topic, record.partition, record.offset)
         self._tracker.processed(record.topic, record.partition, record.offset)
         modality = self.topics.modality_of(record.topic)
         t0 = time.perf_counter()
         try:
-            reading = decode_reading(record.value, record.headers, key=record.key, expected_modality=modality,
-                                     limits=self._limits)
+            reading = decode_reading(record.value, record.headers, key=record.key, require_key=True,
+                                     expected_modality=modality, limits=self._limits)
         except RecordError as exc:
             self._dead_letter_record(record, coordinate, "deserialize", exc.reason.value, exc.detail)
             return
@@ -612,6 +712,11 @@ class StreamService:
                                      f"{type(exc).__name__}: {exc}")
             return
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t0)
+        bound = self._outside_time_bounds(reading)
+        if bound is not None:
+            self.stats.out_of_bounds += 1
+            self._dead_letter_record(record, coordinate, "validate", bound.reason.value, bound.detail)
+            return
         serving = self._serving
         if reading.modality not in serving.modalities:
             self._dead_letter_record(record, coordinate, "join", dlqmod.MODALITY_NOT_SCORED,
@@ -643,6 +748,24 @@ class StreamService:
             log.info("duplicate %s reading of unit %s at %s ignored (the first one is kept)", reading.modality,
                      unit_id, coordinate, extra={"coordinate": coordinate, "unit_id": unit_id})
             self._seen_duplicates = duplicates
+
+    def _outside_time_bounds(self, reading: Any) -> RecordError | None:
+        """Why a reading's event time is outside the accepted window around the wall clock, or None.
+
+        Such a reading is dead-lettered before the join, so it never moves a partition's watermark; the other
+        readings of its unit are joined as usual and the unit is decided without that modality.
+        """
+        cfg = self.config.join
+        lead = reading.event_time.timestamp() - time.time()
+        if lead > cfg.max_future_skew_s:
+            return RecordError(Reason.EVENT_TIME_IN_FUTURE,
+                               f"ce_time {reading.event_time.isoformat()} is {lead:,.0f} s ahead of the service's "
+                               f"clock; join.max_future_skew_s allows {cfg.max_future_skew_s:g} s")
+        if cfg.max_event_age_s is not None and -lead > cfg.max_event_age_s:
+            return RecordError(Reason.EVENT_TIME_TOO_OLD,
+                               f"ce_time {reading.event_time.isoformat()} is {-lead:,.0f} s old; "
+                               f"join.max_event_age_s allows {cfg.max_event_age_s:g} s")
+        return None
 
     def _dead_letter_record(self, record: Any, coordinate: InputCoordinate, stage: str, reason: str,
                             detail: str) -> None:
@@ -763,7 +886,7 @@ class StreamService:
         if not offsets:
             return
         try:
-            self._consumer.commit(offsets)
+            self._consumer.commit(offsets, timeout_ms=_COMMIT_TIMEOUT_MS)
         except (KafkaError, OSError) as exc:
             log.warning("offset commit failed (%s: %s); the next one retries", type(exc).__name__, exc)
             return
@@ -928,7 +1051,8 @@ class StreamService:
         if self._consumer is not None:
             self._commit()
             try:
-                self._consumer.close(autocommit=False)
+                self._consumer.close(autocommit=False,
+                                     timeout_ms=max(1_000, int((deadline - time.monotonic()) * 1000)))
             except (KafkaError, OSError) as exc:
                 log.warning("closing the consumer failed: %s", exc)
         if self._producer is not None:
@@ -963,6 +1087,9 @@ class StreamService:
             "backpressure_pauses": s.pauses,
             "max_queue_depth": s.max_queue_depth,
             "gc_collections": s.gc_collections,
+            "poll_errors": s.poll_errors,
+            "undecodable_batches": s.undecodable_batches,
+            "event_time_out_of_bounds": s.out_of_bounds,
             "model_versions": s.model_versions,
         }
 

@@ -153,6 +153,12 @@ class JoinSection:
             stops while the buffers hold more.
         flush_on_shutdown: on graceful shutdown, score incomplete units with what is present (``false``: leave
             them uncommitted so the next owner of the partition joins them whole).
+        max_future_skew_s: a reading whose ``ce_time`` is more than this far ahead of the service's clock is
+            dead-lettered (stage ``validate``, reason ``event_time_in_future``) and never moves a watermark.
+        max_event_age_s: a reading whose ``ce_time`` is more than this far behind the service's clock is
+            dead-lettered (reason ``event_time_too_old``); ``None`` (the default) accepts any age, because a
+            service back from an outage legitimately reads a backlog as old as the input topics' retention:
+            set it to that retention to catch sensors whose clock was reset (1970, 2000).
     """
 
     expected: tuple[str, ...] = MODALITIES
@@ -163,6 +169,8 @@ class JoinSection:
     align_idle_ms: float = 2_000.0
     buffer_records: int = 100
     flush_on_shutdown: bool = False
+    max_future_skew_s: float = 300.0
+    max_event_age_s: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -170,6 +178,9 @@ class JoinSection:
         except ConfigError as exc:
             raise ConfigError(f"join.{exc}") from None
         object.__setattr__(self, "expected", joined.expected)
+        _number(self.max_future_skew_s, "join.max_future_skew_s", low=0)
+        if self.max_event_age_s is not None:
+            _number(self.max_event_age_s, "join.max_event_age_s", low=0, low_open=True)
         _number(self.align_idle_ms, "join.align_idle_ms", low=0)
         _number(self.buffer_records, "join.buffer_records", low=1, integer=True)
 

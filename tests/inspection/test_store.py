@@ -1,11 +1,18 @@
-"""Model store: bit-exact round trips, cards, version ids, pruning, promotion and rollback, tamper detection."""
+"""Model store: bit-exact round trips, cards, version ids, pruning, promotion and rollback, tamper detection,
+read-only and missing stores."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import struct
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +31,8 @@ from inspection.store import (
 
 VERSION_RE = re.compile(r"^m(\d{4})-([0-9a-f]{8})$")
 CARD = {"config": {"backbone": "mobilenetv2_100", "queries": 8}, "metrics": {"auroc": 0.97}, "threshold_version": 3}
+#: The installed command line, run as a real process.
+EXE = str(Path(sys.executable).parent / "inspection")
 
 
 def make_module() -> nn.Module:
@@ -57,7 +66,53 @@ def small_state(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
-    return ModelStore(tmp_path / "models", keep=3)
+    return ModelStore(tmp_path / "models", keep=3, create=True)
+
+
+def flip_last_byte(path: Path) -> None:
+    """Corrupt a weights file so that it still parses: the last byte of the last tensor's data changes."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (``None`` for a directory), to show nothing changed."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """Make ``path`` read-only for this process for real, restoring it afterwards.
+
+    As root, permission bits stop no write, so the directory is bind-mounted read-only over itself; as any
+    other user, the write bits are cleared.
+    """
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p, mode in modes.items():
+            p.chmod(mode & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("running as root without mount(8): cannot make a directory read-only for this process")
+    bind = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if bind.returncode != 0:
+        pytest.skip(f"running as root and a bind mount is not allowed here: {bind.stderr.strip()}")
+    try:
+        ro = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, text=True)
+        if ro.returncode != 0:
+            pytest.skip(f"running as root and a read-only remount is not allowed here: {ro.stderr.strip()}")
+        yield
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            # still busy: tensors loaded from the mount keep their files mapped; detach it now, the kernel
+            # drops it once they are freed
+            subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
 def test_module_state_dict_round_trip_is_bit_exact(store: ModelStore) -> None:
@@ -160,8 +215,8 @@ def test_pruning_without_promotion_keeps_the_newest(store: ModelStore) -> None:
 
 
 def test_promote_rollback_sequence(store: ModelStore) -> None:
-    a = store.save(small_state(1), {"name": "a"}).version
-    b = store.save(small_state(2), {"name": "b"}).version
+    a = store.save(small_state(1), {"name": "a", "threshold_version": "t-a"}).version  # promote() needs calibrated
+    b = store.save(small_state(2), {"name": "b", "threshold_version": "t-b"}).version
     assert store.promoted() is None
 
     assert store.promote(a).promoted
@@ -323,3 +378,112 @@ def test_store_holds_no_pickles(store: ModelStore) -> None:
         elif path.suffix == ".json":
             json.loads(path.read_text())
     assert not any(p.name.startswith((".tmp-", ".trash-")) for p in store.root.iterdir())
+
+
+@pytest.mark.parametrize("with_lock", [True, False], ids=["lock-file", "no-lock-file"])
+def test_read_only_store_serves_and_lists_and_refuses_writers(tmp_path: Path, with_lock: bool) -> None:
+    writer = ModelStore(tmp_path / "models", create=True)
+    a = writer.save(small_state(1), CARD, promote=True).version
+    state = make_module().state_dict()
+    b = writer.save(state, CARD, promote=True).version
+    if not with_lock:
+        (writer.root / ".lock").unlink()  # e.g. a copy of the store without its dot files
+    before = tree(writer.root)
+
+    with read_only(writer.root):
+        with pytest.raises(OSError):
+            (writer.root / "probe").touch()  # the directory really is read-only for this process
+        store = ModelStore(writer.root)
+        entry = store.promoted()  # what `inspection serve` does: promoted(), then load() of that version
+        assert entry is not None and entry.version == b
+        loaded, card = store.load(entry.version)
+        assert_bit_exact({k: v.detach() for k, v in state.items()}, loaded)
+        assert card["version"] == b and store.load()[1]["version"] == b
+        assert [(v.version, v.promoted) for v in store.versions()] == [(a, False), (b, True)]
+
+        listed = subprocess.run([EXE, "models", "list", "--store", str(writer.root)], capture_output=True,
+                                text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr
+        rows = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert [(r["version"], r["promoted"]) for r in rows] == [(a, False), (b, True)]
+
+        writers = {
+            "save a new version": lambda: store.save(small_state(3), CARD),
+            f"promote {a}": lambda: store.promote(a),
+            "roll back": store.rollback,
+            "prune old versions": store.prune,
+        }
+        for action, call in writers.items():
+            with pytest.raises(StoreError) as info:
+                call()
+            message = str(info.value)
+            assert f"model store {writer.root} is read-only" in message and f"cannot {action}" in message, message
+    assert tree(writer.root) == before
+
+
+def test_missing_store_is_an_error_naming_it_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "models"
+    store = ModelStore(missing)
+    readers_and_writers = [
+        store.load, store.promoted, store.versions, lambda: store.get("m0001-deadbeef"),
+        lambda: store.promote("m0001-deadbeef"), store.rollback, store.prune,
+    ]
+    for call in readers_and_writers:
+        with pytest.raises(StoreError, match=f"model store {re.escape(str(missing))} does not exist.*nothing was"):
+            call()
+    assert not (tmp_path / "typo").exists()
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="exists but is not a directory"):
+        ModelStore(tmp_path / "file")
+
+    saved = ModelStore(missing).save(small_state(1), {})  # only a save (or create=True) makes a store
+    assert saved.path.parent == missing and ModelStore(missing).get(saved.version) == saved
+    assert ModelStore(tmp_path / "new", create=True).versions() == [] and (tmp_path / "new").is_dir()
+
+
+def test_promote_refuses_tampered_weights(store: ModelStore) -> None:
+    a = store.save(small_state(1), CARD, promote=True).version
+    b = store.save(make_module().state_dict(), CARD)
+    history = (store.root / "promotions.json").read_bytes()
+    weights = b.path / "weights.safetensors"
+    flip_last_byte(weights)
+    with pytest.raises(StoreError, match=f"{re.escape(str(weights))} of version {b.version} is tampered or "
+                                          f"corrupted: expected sha256 {b.sha256}.*refusing to promote it"):
+        store.promote(b.version)
+    assert store.promoted().version == a
+    assert (store.root / "promotions.json").read_bytes() == history
+
+
+@pytest.mark.parametrize(
+    ("state", "card", "named"),
+    [
+        (small_state(2), {"name": "no threshold version"}, "its card has threshold_version None"),
+        (small_state(2), {"threshold_version": None}, "its card has threshold_version None"),  # as train saves
+        (small_state(2), {"threshold_version": ""}, "its card has threshold_version ''"),
+        ({"w": torch.ones(2), "thresholds": torch.tensor([float("nan"), 0.5])}, {"threshold_version": "t1"},
+         "1 of 2 values of its 'thresholds' tensor are NaN or infinite"),
+    ],
+    ids=["no-field", "null", "empty", "nan-thresholds"],
+)
+def test_promote_refuses_uncalibrated_versions(store: ModelStore, state: dict, card: dict, named: str) -> None:
+    a = store.save(small_state(1), CARD, promote=True).version
+    v = store.save(state, card).version
+    with pytest.raises(StoreError, match=f"version {v} in .* is not calibrated: {re.escape(named)}.*"
+                                          "run `inspection calibrate` on it first"):
+        store.promote(v)
+    assert store.promoted().version == a
+    calibrated = store.save({"w": torch.ones(2), "thresholds": torch.tensor([0.25, 0.5])}, {"threshold_version": "t1"})
+    assert store.promote(calibrated.version).promoted
+    # saving with promote=True keeps promoting whatever was trained (calibration saves the calibrated version)
+    assert store.save(state, card, promote=True).promoted
+
+
+def test_rollback_refuses_a_tampered_target(store: ModelStore) -> None:
+    a = store.save(small_state(1), CARD, promote=True)
+    b = store.save(small_state(2), CARD, promote=True).version
+    flip_last_byte(a.path / "weights.safetensors")
+    with pytest.raises(StoreError, match=f"version {a.version} is tampered or corrupted.*refusing to roll back "
+                                          f"to it from {b}"):
+        store.rollback()
+    assert store.promoted().version == b

@@ -22,6 +22,7 @@ from services.clients import (
     redact,
     security_config,
     wait_for_assignment,
+    wait_for_group,
 )
 
 #: Seconds a consumer may take to join a group: Tansu holds a join for half the 6 s session timeout.
@@ -294,14 +295,9 @@ def test_large_image_sized_message_round_trips(broker, topics, group_id):
 def test_group_of_two_splits_co_partitioned_inputs(broker, topics, group_id):
     consumers = [make_consumer(topics.inputs, broker.bootstrap, group_id) for _ in range(2)]
     try:
-        deadline = time.monotonic() + 2 * JOIN_TIMEOUT_S
-        while True:
-            for consumer in consumers:
-                consumer.poll(timeout_ms=100)
-            first, second = (set(c.assignment()) for c in consumers)
-            settled = first and second and not first & second and len(first | second) == 9
-            if settled or time.monotonic() > deadline:
-                break
+        # each member polls from its own thread, as separate processes do (see wait_for_group)
+        first, second = wait_for_group(
+            consumers, lambda a: all(a) and not a[0] & a[1] and len(a[0] | a[1]) == 9, 2 * JOIN_TIMEOUT_S)
     finally:
         for consumer in consumers:
             consumer.close(autocommit=False)

@@ -1,4 +1,4 @@
-"""The ``inspection`` command line, run as a real process against the real broker."""
+"""The ``inspection`` command line, run as a real process (against the real broker where it needs one)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from inspection.data.history import count_history, read_history
+from inspection.store import ModelStore
 from services.clients import make_admin
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
@@ -115,3 +117,41 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["messages_received"] == {"inspection.vision": 20, "inspection.vibration": 20,
                                             "inspection.temperature": 20}
     assert count_history(tmp_path / "demo" / "history.parquet") == 20
+
+
+def test_models_commands_verify_before_promoting_and_refuse_a_missing_store(tmp_path):
+    missing = tmp_path / "typo" / "models"
+    for args in (["list"], ["promote", "m0001-deadbeef"], ["rollback"]):
+        result = run("models", *args, "--store", str(missing), timeout=120)
+        assert result.returncode == 2 and f"model store {missing} does not exist" in result.stderr, result.stderr
+    assert not (tmp_path / "typo").exists()
+
+    store = ModelStore(tmp_path / "models", keep=10, create=True)
+    calibrated = {"threshold_version": "t1"}
+    a = store.save({"w": torch.zeros(2), "thresholds": torch.tensor([0.5])}, calibrated, promote=True).version
+    b = store.save({"w": torch.ones(2), "thresholds": torch.tensor([0.5])}, calibrated).version
+    untrained = store.save({"w": torch.full((2,), 2.0), "thresholds": torch.tensor([float("nan")])},
+                           {"threshold_version": None}).version
+    tampered = store.save({"w": torch.full((2,), 3.0), "thresholds": torch.tensor([0.5])}, calibrated)
+    weights = tampered.path / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\xff")
+    root = str(store.root)
+
+    refused = run("models", "promote", untrained, "--store", root, timeout=120)
+    assert refused.returncode == 2 and "is not calibrated" in refused.stderr, refused.stderr
+    assert "run `inspection calibrate` on it first" in refused.stderr
+    refused = run("models", "promote", tampered.version, "--store", root, timeout=120)
+    assert refused.returncode == 2 and "is tampered or corrupted" in refused.stderr, refused.stderr
+    assert store.promoted().version == a
+
+    promoted = run("models", "promote", b, "--store", root, timeout=120)
+    assert promoted.returncode == 0, promoted.stderr
+    assert last_json(promoted.stdout) == {"promoted": b}
+    rolled = run("models", "rollback", "--store", root, timeout=120)
+    assert rolled.returncode == 0, rolled.stderr
+    assert last_json(rolled.stdout) == {"promoted": a}
+    listed = run("models", "list", "--store", root, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["version"], r["promoted"]) for r in rows] == [
+        (a, True), (b, False), (untrained, False), (tampered.version, False)]

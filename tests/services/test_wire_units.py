@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter
 
@@ -12,7 +11,7 @@ from inspection.data import skab
 from inspection.data.composite import CompositeBuilder, CompositeConfig
 from inspection.errors import DataError
 from inspection.records import MODALITIES
-from services.clients import make_consumer, make_producer, wait_for_assignment
+from services.clients import make_consumer, make_producer, wait_for_assignment, wait_for_group
 from services.publish import FaultPlan, publish_units
 from services.readback import assemble_units, decode_record, drain
 
@@ -67,16 +66,8 @@ def test_group_of_two_splits_partitions_and_keeps_units_whole(broker, topics, un
     b = make_consumer(topics.inputs, broker.bootstrap, group)
     subset = units[:300]
     try:
-        # both members must keep polling while the group forms: a member that stops polling never rejoins
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            a.poll(timeout_ms=100)
-            b.poll(timeout_ms=100)
-            pa, pb = set(a.assignment()), set(b.assignment())
-            if pa and pb and not pa & pb and len(pa | pb) == 9:
-                break
-        pa, pb = set(a.assignment()), set(b.assignment())
-        assert pa and pb and not pa & pb and len(pa | pb) == 9
+        # both members keep polling, each from its own thread, while the group forms (see wait_for_group)
+        pa, pb = wait_for_group([a, b], lambda s: all(s) and not s[0] & s[1] and len(s[0] | s[1]) == 9, 90)
         # the range assignor gives the same partition number of all three topics to the same member
         assert {tp.partition for tp in pa}.isdisjoint({tp.partition for tp in pb})
         for tp in pa | pb:  # start both from the beginning regardless of how the join went
