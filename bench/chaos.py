@@ -26,11 +26,11 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -250,10 +250,12 @@ def account(ledger: Ledger, outcome: Outcome) -> dict:
     wrong_reason = sorted(str(c) for c, (_, reason) in bad.items() if c in dead and dead[c][1] != reason)
     consistent = all(len({d.id for d in ds}) == 1 for ds in decisions.values())
     repeated = sum(len(ds) - 1 for ds in decisions.values())
+    incomplete = sum(1 for u, ds in decisions.items() if units.get(u) == "good" and all(d.missing for d in ds))
     return {"units": len(units), "decided": len(decided), "dead_lettered": len(dead_lettered),
             "lost": len(lost_units), "lost_readings": len(lost_readings), "lost_examples": lost_units[:10],
             "lost_reading_examples": lost_readings[:10], "wrong_reason": wrong_reason[:10],
             "duplicate_ids_consistent": consistent, "repeated_decisions": repeated,
+            "decided_with_modalities_missing": incomplete,
             "dlq_by_reason": dict(Counter(reason for _, reason in dead.values())),
             "undecodable_batches": len(markers)}
 
@@ -336,7 +338,9 @@ def run_chaos(broker: EmbeddedBroker, store: Path, units: Sequence, workdir: Pat
     config = {
         "model": {"store": str(store), "device": "cpu", "reload_interval_s": 0},
         "topics": {n: getattr(topics, n) for n in ("vision", "vibration", "temperature", "decisions", "dlq")},
-        "join": {"timeout_s": 10.0},
+        # the units' event times are 10 s apart but they are produced 20 a second, 200x faster than a line
+        # makes them: event time alone would close units long before their readings were read
+        "join": {"timeout_s": 10.0, "watermark_lag_s": 3600.0},
         "kafka": {"group_id": f"chaos-{uuid.uuid4().hex[:8]}", "commit_interval_ms": 500},
         "metrics": {"port": 0},
         "shutdown_timeout_s": 60,
@@ -396,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="units per second")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "chaos.json"))
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "chaos"),
+                        help="service, broker and S3 emulator logs (emptied first)")
     args = parser.parse_args(argv)
 
     import boto3
@@ -403,36 +409,38 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from stream import benchmark_model_store, composite_units, run_metadata
 
-    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        workdir = Path(tmp)
-        store, model = benchmark_model_store("demo", None, "cpu", workdir)
-        units = composite_units(args.units, seed=args.seed + 100)
-        port = free_port()
-        env = {"AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "eu-west-2", "AWS_ALLOW_HTTP": "true"}
-        with open(workdir / "moto.log", "wb") as moto_log:
-            moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                    stdout=moto_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT"], aws_access_key_id="test",
-                              aws_secret_access_key="test", region_name="eu-west-2")
-            for _ in range(150):
-                try:
-                    s3.create_bucket(Bucket="chaos", CreateBucketConfiguration={"LocationConstraint": "eu-west-2"})
-                    break
-                except Exception:  # noqa: BLE001 - not up yet
-                    time.sleep(0.2)
-            broker = EmbeddedBroker(storage="s3://chaos/", env=env, log_path=workdir / "tansu.log",
-                                    ready_timeout_s=30)
-            broker.start()
+    workdir = Path(args.workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    store, model = benchmark_model_store("demo", None, "cpu", workdir)
+    units = composite_units(args.units, seed=args.seed + 100)
+    port = free_port()
+    env = {"AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "eu-west-2", "AWS_ALLOW_HTTP": "true"}
+    with open(workdir / "moto.log", "wb") as moto_log:
+        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=moto_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT"], aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="eu-west-2")
+        for _ in range(150):
             try:
-                result = run_chaos(broker, store, units, workdir, kills=args.kills,
-                                   broker_restarts=args.broker_restarts, seed=args.seed, rate=args.rate)
-            finally:
-                broker.stop()
+                s3.create_bucket(Bucket="chaos", CreateBucketConfiguration={"LocationConstraint": "eu-west-2"})
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.2)
+        broker = EmbeddedBroker(storage="s3://chaos/", env=env, log_path=workdir / "tansu.log",
+                                ready_timeout_s=30)
+        broker.start()
+        try:
+            result = run_chaos(broker, store, units, workdir, kills=args.kills,
+                               broker_restarts=args.broker_restarts, seed=args.seed, rate=args.rate)
         finally:
-            moto.terminate()
-            moto.wait(10)
+            broker.stop()
+    finally:
+        moto.terminate()
+        moto.wait(10)
     command = "python bench/chaos.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = run_metadata(command.strip(), "cpu", model)
     summary = {k: result[k] for k in ("units", "decided", "dead_lettered", "lost", "duplicate_ids_consistent",

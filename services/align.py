@@ -51,14 +51,16 @@ class EventTimeAligner:
         lag_ms: the join's watermark lag in milliseconds.
         max_future_ms: largest lead of a timestamp over the wall clock that is taken as it is; None trusts every
             timestamp.
+        wall_ms: the wall clock in epoch milliseconds (``time.time()``-based by default).
     """
 
     def __init__(self, topics: Iterable[str], idle_s: float, lag_ms: float,
-                 max_future_ms: float | None = None) -> None:
+                 max_future_ms: float | None = None, wall_ms: Callable[[], float] | None = None) -> None:
         self.topics = tuple(topics)
         self.idle_s = float(idle_s)
         self.lag_ms = float(lag_ms)
         self.max_future_ms = None if max_future_ms is None else float(max_future_ms)
+        self._wall_ms = wall_ms or (lambda: time.time() * 1000.0)
         self._order = {t: i for i, t in enumerate(self.topics)}
         self._buffers: dict[TopicPartitionKey, deque[Any]] = {}
         self._last_ts: dict[TopicPartitionKey, int] = {}
@@ -122,7 +124,7 @@ class EventTimeAligner:
         ready = [(t, buf) for t, buf in heads if buf]
         if not ready:
             return None
-        ceiling = None if self.max_future_ms is None else int(time.time() * 1000 + self.max_future_ms)
+        ceiling = None if self.max_future_ms is None else int(self._wall_ms() + self.max_future_ms)
         topic, buf = min(ready, key=lambda tb: (_timestamp(tb[1][0], ceiling), self._order[tb[0]], tb[1][0].offset))
         head = _timestamp(buf[0], ceiling)
         if self._must_wait(p, head, [t for t, b in heads if not b], now, owned):

@@ -36,6 +36,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import socket
@@ -454,11 +455,33 @@ class StreamService:
             return False, "no model loaded"
         if not self._assignment:
             return False, "no partitions assigned yet"
+        silent = self._coordinator_silence_s()
+        if silent is not None:
+            return False, (f"input not consumed: no heartbeat reached the group coordinator for {silent:.0f} s "
+                           "(is the cluster reachable?)")
         failing = self._poll_failing_since
         if failing is not None:
             return False, (f"input not consumed: polling has failed {self._poll_failures} times in a row for "
                            f"{time.monotonic() - failing:.1f} s")
         return True, f"ok: model {self._serving.version}, {len(self._assignment)} partitions"
+
+    def _coordinator_silence_s(self) -> float | None:
+        """Seconds since this member last sent a heartbeat to its group coordinator, when that is more than twice
+        the session timeout (the broker has long since given its partitions away, or cannot be reached); else
+        None. Read from the client's own ``last-heartbeat-seconds-ago`` metric."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        try:
+            groups = consumer.metrics() or {}
+            session_s = consumer.config["session_timeout_ms"] / 1000.0
+        except Exception:  # noqa: BLE001 - a probe must answer, whatever the client's state
+            return None
+        for values in groups.values():
+            ago = values.get("last-heartbeat-seconds-ago") if isinstance(values, dict) else None
+            if isinstance(ago, int | float) and math.isfinite(ago) and ago > 2 * session_s:
+                return float(ago)
+        return None
 
     # ---------------------------------------------------------------------------------------- main loop
     def _loop(self) -> None:

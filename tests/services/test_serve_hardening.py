@@ -120,7 +120,9 @@ def test_batches_compressed_with_every_codec_are_decided(broker, topics, unit_fa
     # per partition and modality one batch, its codec cycling so that each modality meets zstd and lz4
     plan = {"vision": ("zstd", "lz4", "snappy"), "vibration": ("lz4", "zstd", "gzip"),
             "temperature": ("snappy", "gzip", "zstd")}
-    with run_service(service_config(), broker.bootstrap) as service:
+    # the service's own producer compresses too (docs/service.example.yaml's example setting)
+    config = service_config(kafka={"producer": {"compression_type": "zstd"}})
+    with run_service(config, broker.bootstrap) as service:
         for p, group in sorted(by_partition(units).items()):
             for modality in MODALITIES:
                 write(broker.bootstrap, topics, modality, [getattr(u, modality) for u in group], plan[modality][p])
@@ -255,3 +257,36 @@ def test_event_time_bounds_null_key_and_duplicate_modality(broker, topics, unit_
     assert [c.offset for c in vib] == [first_vibration]
     # the far-future reading did not move the partition's watermark: the next unit is joined whole
     assert decisions[normal.unit_id].missing == ()
+
+
+def test_broker_gone_turns_readyz_503_and_sigterm_still_stops_the_service(serving_store, tmp_path):
+    from services.broker import EmbeddedBroker, TopicNames, create_topics
+
+    private = EmbeddedBroker(log_path=tmp_path / "tansu.log")
+    private.start()
+    topics = TopicNames.with_prefix("gone.")
+    create_topics(private.bootstrap, topics, PARTITIONS)
+    path = tmp_path / "service.json"
+    path.write_text(json.dumps({
+        "model": {"store": str(serving_store), "device": "cpu"},
+        "topics": {n: getattr(topics, n) for n in ("vision", "vibration", "temperature", "decisions", "dlq")},
+        "kafka": {"group_id": "gone"}, "shutdown_timeout_s": 30}))
+    log_path = tmp_path / "service.log"
+    proc, port = start_service(path, private.bootstrap, log_path)
+    try:
+        wait_ready(proc, port, log_path)
+        private.stop()
+        deadline = time.monotonic() + 60  # twice the 6 s session timeout without a heartbeat, then 503
+        while (status := http_get(f"http://127.0.0.1:{port}/readyz"))[0] != 503:
+            assert time.monotonic() < deadline, f"/readyz still answers {status} with the broker gone"
+            time.sleep(0.5)
+        assert "input not consumed" in status[1]
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        assert time.monotonic() - start < 45  # the shutdown timeout plus the bounded commit and close
+    finally:
+        private.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

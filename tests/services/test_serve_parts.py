@@ -207,6 +207,39 @@ def test_aligner_shares_a_release_limit_between_partition_numbers():
     assert len(al.release(0.0, owned())) == 90 - 9
 
 
+def test_aligner_caps_far_future_timestamps_at_the_clock_plus_the_skew():
+    year_2999 = 32_503_680_000_000
+    wall = [1_800_000_000_000.0]  # epoch ms
+
+    def run(aligner: EventTimeAligner) -> list:
+        now = wall[0]
+        for topic, ts in (("v", now), ("b", year_2999), ("t", now)):
+            aligner.add(Rec(topic, 0, 0, int(ts)))
+        assert [r.topic for r in aligner.release(0.0, owned())] == ["v", "t"]
+        assert [r.topic for r in aligner.release(1.1, owned())] == ["b"]  # after waiting idle_s for v and t
+        wall[0] += 60_000  # a minute later v and t deliver again; b delivers nothing
+        aligner.add(Rec("v", 0, 1, int(wall[0])))
+        aligner.add(Rec("t", 0, 1, int(wall[0])))
+        return aligner.release(1.2, owned())
+
+    # b's timestamp counted as clock + 300 s: a minute later v and t are within the lag of it, and after the
+    # skew and the lag have passed on the wall clock b is waited for again like any topic that fell behind
+    capped = EventTimeAligner(TOPICS, idle_s=1.0, lag_ms=30_000, max_future_ms=300_000, wall_ms=lambda: wall[0])
+    assert len(run(capped)) == 2
+    wall[0] += 600_000
+    capped.add(Rec("v", 0, 2, int(wall[0])))
+    capped.add(Rec("t", 0, 2, int(wall[0])))
+    assert capped.release(1.3, owned()) == []
+    # without the cap, b's year-2999 timestamp makes it count as never behind again
+    wall[0] = 1_800_000_000_000.0
+    uncapped = EventTimeAligner(TOPICS, idle_s=1.0, lag_ms=30_000, wall_ms=lambda: wall[0])
+    run(uncapped)
+    wall[0] += 600_000
+    uncapped.add(Rec("v", 0, 2, int(wall[0])))
+    uncapped.add(Rec("t", 0, 2, int(wall[0])))
+    assert [(r.topic, r.offset) for r in uncapped.release(1.3, owned())] == [("v", 2), ("t", 2)]
+
+
 # ----------------------------------------------------------------------------------------------- offsets
 def c(topic: str, partition: int, offset: int) -> InputCoordinate:
     return InputCoordinate(topic, partition, offset)
