@@ -243,13 +243,22 @@ class InspectionModel(nn.Module):
         dtype = functools.reduce(torch.promote_types, [c.dtype for c in chunks])
         return Encoded(torch.cat([c.to(dtype) for c in chunks], dim=1), torch.cat(indices), slices, batch.present)
 
-    def fuse(self, encoded: Encoded, present: Tensor | None = None) -> ModelOutput:
+    def fuse(self, encoded: Encoded, present: Tensor | None = None, visible: Tensor | None = None) -> ModelOutput:
         """Bridge and heads for a presence mask ``[B, M]`` (default: what each unit has).
 
-        A mask may only remove modalities a unit has; modalities it lacks stay absent.
+        A mask may only remove modalities a unit has; modalities it lacks stay absent. ``visible`` ``[B, N]``
+        (bool) hides single tokens on top of that: a token is seen only where both allow it (explanations switch
+        an image region, a frequency band or a time segment off this way). The per-modality heads read every
+        token of a present modality.
         """
         present = encoded.present if present is None else present & encoded.present
-        visible = present[:, encoded.modality_index]  # [B, N] True = visible
+        tokens_on = present[:, encoded.modality_index]  # [B, N] True = visible
+        if visible is not None:
+            if visible.dtype != torch.bool or tuple(visible.shape) != tuple(tokens_on.shape):
+                raise ValueError(f"visible must be a bool [B, N] = {tuple(tokens_on.shape)} token mask; got "
+                                 f"{visible.dtype} {tuple(visible.shape)}")
+            tokens_on = tokens_on & visible.to(tokens_on.device)
+        visible = tokens_on
         bridged = self.bridge(encoded.tokens, encoded.modality_index, ~visible)
         # residual global pooling: the mean of every visible token (for one modality, global average pooling of
         # its features); the bridge's queries add the cross-modal interactions on top
