@@ -9,6 +9,8 @@ Commands::
     inspection data info|fetch        data set sizes and licences; fetch the bearing recordings
     inspection serve --config F       the stream service: join, score, explain, decide (docs/service.md)
     inspection demo                   broker -> topics -> produce -> serve -> decisions, on real data
+    inspection explain --history H    explanation reports (JSON + HTML) of archived units, and an index
+    inspection report --from DIR      index page and global view over explanation reports
 
 Exit codes: 0 success, 1 a check failed (e.g. the demo read back something else), 2 invalid input or an
 error the message explains, 130 interrupted.
@@ -534,6 +536,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from explain.report import explain_to_reports, write_index
+    from inspection.data.history import read_history
+    from inspection.store import ModelStore
+    from services.scoring import load_serving_model, resolve_device
+
+    serving = load_serving_model(ModelStore(args.store), args.model, resolve_device(args.device))
+    wanted = set(args.unit or ())
+    units: list[Unit] = []
+    for archived in read_history(args.history):
+        if wanted and archived.unit.unit_id not in wanted:
+            continue
+        units.append(archived.unit)
+        if args.limit and len(units) >= args.limit:
+            break
+    missing = sorted(wanted - {u.unit_id for u in units})
+    if missing:
+        raise ConfigError(f"{len(missing)} unit id(s) are not in {args.history}, e.g. {missing[:5]}")
+    if not units:
+        raise ConfigError(f"{args.history} holds no units to explain")
+    written = explain_to_reports(serving.model, units, args.out, level=args.level, budget=args.budget,
+                                 seed=args.seed, model_version=serving.version,
+                                 threshold_version=serving.threshold_version)
+    index, overview = write_index(args.out, written, period=args.period)
+    print(json.dumps({"reports": len(written), "out": str(args.out), "index": str(index), "global": str(overview),
+                      "model_version": serving.version, "level": args.level}))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from explain.report import read_reports, report_files, write_index
+
+    reports = read_reports(report_files(args.source))
+    index, overview = write_index(args.out, reports, period=args.period)
+    print(json.dumps({"reports": len(reports), "index": str(index), "global": str(overview)}))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from inspection.store import ModelStore
 
@@ -693,6 +733,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skab --detector drift: false-alarm rate the detector's limits are calibrated to on the "
                          "anomaly-free run")
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("explain", help="explain units of a Parquet history: a JSON and an HTML report each, an index",
+                        description="Level 1: exact modality Shapley values and interactions; level 2: Owen values "
+                                    "of image regions, vibration bands and temperature segments (token masking).")
+    ex.add_argument("--history", type=Path, required=True, help="Parquet history (inspection produce --archive, "
+                                                                 "the service's archive)")
+    ex.add_argument("--unit", action="append", help="explain this unit id (repeatable; default every unit)")
+    ex.add_argument("--store", required=True, help="the model store, e.g. models/composite")
+    ex.add_argument("--model", help="the version to explain with (default: the promoted one)")
+    ex.add_argument("--out", type=Path, required=True, help="report folder (created)")
+    ex.add_argument("--level", type=int, choices=[1, 2], default=2)
+    ex.add_argument("--budget", type=int, default=512, help="level 2: model evaluations per unit")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--limit", type=int, help="explain at most this many units")
+    ex.add_argument("--period", choices=["day", "hour"], default="day", help="time buckets of the global view")
+    ex.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    ex.set_defaults(func=cmd_explain)
+
+    rp = sub.add_parser("report", help="index page and global view (level 3) over report JSON files")
+    rp.add_argument("--from", dest="source", type=Path, required=True, help="a report folder or one report file")
+    rp.add_argument("--out", type=Path, required=True, help="where index.html and global.json go")
+    rp.add_argument("--period", choices=["day", "hour"], default="day")
+    rp.set_defaults(func=cmd_report)
 
     mo = sub.add_parser("models", help="list, promote or roll back stored model versions",
                         description="list works on a read-only store; promote verifies the version's weights "

@@ -155,3 +155,36 @@ def test_models_commands_verify_before_promoting_and_refuse_a_missing_store(tmp_
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [(r["version"], r["promoted"]) for r in rows] == [
         (a, True), (b, False), (untrained, False), (tampered.version, False)]
+
+
+def test_explain_and_report_commands_write_reports_an_index_and_the_global_view(serving_store, tmp_path):
+    from inspection.data.composite import CompositeBuilder, CompositeConfig
+    from inspection.data.history import write_history
+
+    units = CompositeBuilder(CompositeConfig(seed=9, temperature_source="synthetic")).units("test", 5)
+    history = tmp_path / "history.parquet"
+    write_history(history, units)
+    out = tmp_path / "reports"
+    done = run("explain", "--history", str(history), "--store", str(serving_store), "--out", str(out),
+               "--level", "2", "--budget", "128", "--unit", units[1].unit_id, "--unit", units[3].unit_id)
+    assert done.returncode == 0, done.stderr
+    summary = last_json(done.stdout)
+    assert summary["reports"] == 2 and summary["level"] == 2
+    reports = sorted(out.glob("*.json"))
+    assert len(reports) == 3  # two units and global.json
+    data = [json.loads(p.read_text()) for p in reports if p.name != "global.json"]
+    assert sorted(d["unit_id"] for d in data) == sorted([units[1].unit_id, units[3].unit_id])
+    assert all(d["decision"]["decision"] in ("ok", "defect") and d["model_version"] for d in data)
+    assert (out / "index.html").read_text().count("<tr data-line=") == 2
+
+    again = run("report", "--from", str(out), "--out", str(tmp_path / "index"), "--period", "hour")
+    assert again.returncode == 0, again.stderr
+    index = (tmp_path / "index" / "index.html").read_text()
+    assert "../reports/" in index  # links to the unit pages beside their reports
+    assert json.loads((tmp_path / "index" / "global.json").read_text())["period"] == "hour"
+
+    unknown = run("explain", "--history", str(history), "--store", str(serving_store), "--out", str(tmp_path / "x"),
+                  "--unit", "no-such-unit")
+    assert unknown.returncode == 2 and "no-such-unit" in unknown.stderr
+    empty = run("report", "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "y"))
+    assert empty.returncode == 2 and "neither a report file nor a folder" in empty.stderr
