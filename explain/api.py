@@ -112,6 +112,18 @@ class Attribution:
         }
 
 
+def model_groups(model: InspectionModel) -> dict[str, list[Group]]:
+    """The level-2 groups of each modality the model reads (:func:`explain.hierarchy.groups_from_tokens`)."""
+    infos = model.token_info()
+    return {m: groups_from_tokens(m, infos[m]) for m in model.config.modalities}
+
+
+def minimum_budget(model: InspectionModel) -> int:
+    """The smallest level-2 budget that explains a unit with every modality the model reads."""
+    sizes = {m: len(g) for m, g in model_groups(model).items()}
+    return sum(2 ** (len(sizes) - 1) * (k + 1) for k in sizes.values())
+
+
 def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, budget: int = DEFAULT_BUDGET,
             masking: str = "tokens", seed: int = 0) -> list[Attribution]:
     """Explain each unit's defect score (see the module docstring).
@@ -137,14 +149,14 @@ def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, bu
         raise ValueError(f"masking must be one of {MASKINGS}; got {masking!r}")
     if not units:
         raise ValueError("need at least one unit to explain; got none")
-    batch = model.batch(units)
+    device = next(model.parameters()).device
+    batch = model.batch(units).to(device)
     top = explain_modalities(model, batch, [u.unit_id for u in units])
     if level == 1:
         n = [len(a.players) for a in top]
         return [Attribution(a.unit_id, 1, masking, METHOD_EXACT, 2 ** k, None, a, efficiency_gap=a.efficiency_gap)
                 for a, k in zip(top, n, strict=True)]
-    infos = model.token_info()
-    groups = {m: groups_from_tokens(m, infos[m]) for m in model.config.modalities}
+    groups = model_groups(model)
     was_training = model.training
     model.eval()
     try:

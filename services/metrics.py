@@ -18,10 +18,12 @@ Metric names (all prefixed ``inspection_``):
 ``undecodable_batches_total``          counter    record batches the client could not decode, skipped
 ``poll_errors_total{error}``           counter    polls of the input topics that failed (retried; ``/readyz``
                                                   fails until one succeeds)
+``reports_total{result}``              counter    explanation reports ``written`` or ``failed`` (sent without link)
 ``stage_seconds{stage}``               histogram  ``decode``, ``join`` (first reading to close), ``queue``
                                                   (close to scoring), ``prepare`` (preprocessing of a batch),
                                                   ``score`` (per batch, preprocessing included), ``produce``
-                                                  (send to ack), ``end_to_end`` (newest reading to decision ack)
+                                                  (send to ack), ``report`` (explanation reports of a batch),
+                                                  ``end_to_end`` (newest reading to decision ack)
 ``batch_size``                         histogram  units per forward pass
 ``queue_depth``                        gauge      units closed and not yet acknowledged
 ``pending_units``                      gauge      units waiting in the join
@@ -80,6 +82,7 @@ class ServiceMetrics:
         self.undecodable_batches = Counter(f"{p}undecodable_batches", "Record batches skipped as undecodable",
                                            registry=r)
         self.poll_errors = Counter(f"{p}poll_errors", "Failed polls of the input topics", ["error"], registry=r)
+        self.reports = Counter(f"{p}reports", "Explanation reports written or failed", ["result"], registry=r)
         self.stage_seconds = Histogram(f"{p}stage_seconds", "Latency per pipeline stage", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{p}batch_size", "Units per forward pass", buckets=_BATCH_BUCKETS, registry=r)

@@ -182,14 +182,13 @@ def _majority_shapes(prepared: Sequence[dict[str, dict[str, np.ndarray]]]) -> di
     return {k: c.most_common(1)[0][0] for k, c in counts.items()}
 
 
-def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *, report_base_url: str | None = None,
+def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *,
                 clock=time.monotonic, executor: Executor | None = None) -> BatchResult:
     """Score a micro-batch of joined units (see the module docstring).
 
     Args:
         serving: the model.
         units: joined units, any mix of present modalities.
-        report_base_url: decisions link to ``<url>/<decision id>.html`` when set.
         clock: monotonic clock for the timings.
         executor: preprocess the units on it, side by side (e.g. a ``ThreadPoolExecutor``); None preprocesses
             them one by one in the calling thread. The results are the same either way.
@@ -229,15 +228,14 @@ def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *, report_ba
     out = BatchResult(results)
     if live:
         try:
-            out.router_stats = _forward(serving, [results[i] for i in live], [prepared[i] for i in live],
-                                        report_base_url)
+            out.router_stats = _forward(serving, [results[i] for i in live], [prepared[i] for i in live])
             out.forward_units = len(live)
         except Exception as exc:  # noqa: BLE001 - isolate the unit the model cannot take
             log.warning("batched forward of %d units failed (%s: %s); scoring them one by one",
                         len(live), type(exc).__name__, exc)
             for i in live:
                 try:
-                    out.router_stats = _forward(serving, [results[i]], [prepared[i]], report_base_url)
+                    out.router_stats = _forward(serving, [results[i]], [prepared[i]])
                     out.forward_units += 1
                 except Exception as one:  # noqa: BLE001
                     res = results[i]
@@ -316,8 +314,8 @@ def warm_up(serving: ServingModel, batch_sizes: Sequence[int] = (32, 1)) -> floa
 
 
 @torch.inference_mode()
-def _forward(serving: ServingModel, results: list[Scored], prepared: list[dict[str, dict[str, np.ndarray]]],
-             report_base_url: str | None) -> list[Any]:
+def _forward(serving: ServingModel, results: list[Scored],
+             prepared: list[dict[str, dict[str, np.ndarray]]]) -> list[Any]:
     """One encode and one stacked fuse for the given units; fills their decisions. Returns router stats."""
     model = serving.model
     batch = model.collate(prepared, [r.joined.unit.line_id for r in results]).to(serving.device)
@@ -350,12 +348,12 @@ def _forward(serving: ServingModel, results: list[Scored], prepared: list[dict[s
         defect_class = class_names[1 + int(class_logits[full, 1:].argmax())] if is_defect else class_names[0]
         res.modality_scores = {m: float(modality_probs[full, MODALITIES.index(m)]) for m in players}
         res.decision = _decision(res, serving, players, score, threshold, defect_class, attribution,
-                                 decided_at, report_base_url)
+                                 decided_at)
     return list(out.router_stats)
 
 
 def _decision(res: Scored, serving: ServingModel, players: tuple[str, ...], score: float, threshold: float,
-              defect_class: str, attribution, decided_at: datetime, report_base_url: str | None) -> Decision:
+              defect_class: str, attribution, decided_at: datetime) -> Decision:
     joined = res.joined
     unit: Unit = joined.unit
     inputs = tuple(joined.inputs[m] for m in players)
@@ -390,8 +388,6 @@ def _decision(res: Scored, serving: ServingModel, players: tuple[str, ...], scor
         latency_ms=0.0,
         report_url=None,
     )
-    if report_base_url:
-        decision = _with(decision, report_url=f"{report_base_url.rstrip('/')}/{decision.id}.html")
     return decision
 
 

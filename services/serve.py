@@ -44,7 +44,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -326,6 +326,13 @@ class StreamService:
         self._heap_frozen = False
         self._failed_version: str | None = None
         self._sinks = 1 + (1 if config.archive.path else 0)
+        self._reporter = None
+        if config.reports.enabled:
+            from services.reports import StreamReporter
+
+            r = config.reports
+            self._reporter = StreamReporter(r.dir, units=r.units, level=r.level, budget=r.budget, seed=r.seed,
+                                            base_url=r.base_url)
 
     # ------------------------------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -422,6 +429,13 @@ class StreamService:
         if lacking:
             raise ConfigError(f"join.expected names {lacking}, which model {serving.version} does not read "
                               f"(it reads {list(serving.modalities)})")
+        if self._reporter is not None and self._reporter.level == 2:
+            from explain.api import minimum_budget
+
+            least = minimum_budget(serving.model)
+            if self._reporter.budget < least:
+                raise ConfigError(f"reports.budget is {self._reporter.budget}, but level-2 explanations of model "
+                                  f"{serving.version} need at least {least} model evaluations per unit")
         warm = self.config.model.warm_up
         if warm or (warm is None and self._device.type == "cuda"):
             seconds = warm_up(serving, sorted({self.config.batching.max_batch, 1}, reverse=True))
@@ -962,14 +976,14 @@ class StreamService:
         start = time.monotonic()
         for item in batch:
             self.metrics.stage_seconds.labels("queue").observe(start - item.closed_at)
-        result = score_units(serving, [item.joined for item in batch], report_base_url=self.config.report_base_url,
-                             executor=self._prepare_pool)
+        result = score_units(serving, [item.joined for item in batch], executor=self._prepare_pool)
         self.stats.batches += 1
         self.metrics.stage_seconds.labels("prepare").observe(result.prepare_seconds)
         self.metrics.stage_seconds.labels("score").observe(result.seconds)
         self.metrics.batch_size.observe(len(batch))
         if result.router_stats:
             self.metrics.set_router_stats(result.router_stats)
+        links = self._write_reports(serving, batch, result.scored)
         for item, scored in zip(batch, result.scored, strict=True):
             for letter in scored.dead:
                 if self._sinks > 1:  # the dead reading will not be archived
@@ -978,6 +992,8 @@ class StreamService:
             decision = scored.decision
             if decision is None:
                 continue
+            if decision.id in links:
+                decision = replace(decision, report_url=links[decision.id])
             decision = with_latency(decision, (time.monotonic() - item.last_arrival) * 1000.0)
             self._send(Outgoing("decision", self.topics.decisions, decision.unit_id.encode(), decision.to_json(),
                                 [("content-type", DECISION_CONTENT_TYPE)], decision.inputs, item.generation,
@@ -987,13 +1003,38 @@ class StreamService:
                       decision.score, decision.threshold, ", ".join(map(str, decision.inputs)),
                       extra={"unit_id": decision.unit_id, "decision_id": decision.id})
             if self._archive is not None:
-                dead = [m for m in item.joined.unit.present if m not in decision.present]
-                unit = item.joined.unit.without(*dead) if dead else item.joined.unit
+                unit = self._scored_unit(item, decision)
                 inputs = {m: c for m, c in item.joined.inputs.items() if m in decision.present}
                 self._archive.put(ArchivedUnit(unit, inputs), (decision.inputs, item.generation))
             if self._drift is not None:
                 for modality, value in scored.modality_scores.items():
                     self._drift_add(modality, value)
+
+    @staticmethod
+    def _scored_unit(item: WorkItem, decision: Any) -> Any:
+        """The unit as the decision saw it: without readings the preprocessing rejected."""
+        dead = [m for m in item.joined.unit.present if m not in decision.present]
+        return item.joined.unit.without(*dead) if dead else item.joined.unit
+
+    def _write_reports(self, serving: ServingModel, batch: list[WorkItem], scored: list[Any]) -> dict[str, str]:
+        """Explanation reports of the batch's selected decisions, before they are sent; decision id -> link."""
+        if self._reporter is None:
+            return {}
+        pairs = [(self._scored_unit(item, s.decision), s.decision) for item, s in zip(batch, scored, strict=True)
+                 if s.decision is not None and self._reporter.wanted(s.decision)]
+        if not pairs:
+            return {}
+        t0 = time.monotonic()
+        try:
+            links = self._reporter.write(serving.model, pairs)
+        except Exception as exc:  # noqa: BLE001 - a report must never cost a decision
+            self.metrics.reports.labels("failed").inc(len(pairs))
+            log.error("explanation reports of %d decisions failed (%s: %s); they are sent without a link",
+                      len(pairs), type(exc).__name__, exc)
+            return {}
+        self.metrics.reports.labels("written").inc(len(links))
+        self.metrics.stage_seconds.labels("report").observe(time.monotonic() - t0)
+        return links
 
     def _drift_add(self, modality: str, value: float) -> None:
         result = self._drift.add(modality, value)

@@ -402,13 +402,52 @@ class SecuritySection:
         return security_config(**self._settings(placeholder=False))
 
 
+REPORT_UNITS: tuple[str, ...] = ("defects", "all", "none")
+
+
+@dataclass(frozen=True)
+class ReportsSection:
+    """Explanation reports written by the service (``docs/explanations.md``).
+
+    Attributes:
+        dir: folder the reports (``<stem>.json`` + ``<stem>.html``, the stem from the decision id) are written to;
+            ``None`` writes none, and decisions carry no report link.
+        units: which decisions get a report: ``defects``, ``all`` or ``none``. A decision gets a link only when
+            its report was written, before the decision is sent.
+        level: 1 (modalities only) or 2 (regions, bands, segments too).
+        budget: level 2: model evaluations per unit.
+        seed: level 2: seed of the sampled orders of groups.
+        base_url: decisions link to ``<base_url>/<stem>.html``; ``None`` links to the file (``file://``).
+    """
+
+    dir: str | None = None
+    units: str = "defects"
+    level: int = 2
+    budget: int = 256
+    seed: int = 0
+    base_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dir is not None and not (isinstance(self.dir, str) and self.dir.strip()):
+            raise ConfigError(f"reports.dir must be a folder path or null; got {self.dir!r}")
+        _choice(self.units, "reports.units", REPORT_UNITS)
+        _choice(self.level, "reports.level", (1, 2))
+        _number(self.budget, "reports.budget", low=16, high=1_000_000, integer=True)
+        _number(self.seed, "reports.seed", low=0, integer=True)
+        if self.base_url is not None and not (isinstance(self.base_url, str) and self.base_url.strip()):
+            raise ConfigError(f"reports.base_url must be a URL or null; got {self.base_url!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None and self.units != "none"
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything ``inspection serve`` needs besides the bootstrap address.
 
     Attributes:
-        report_base_url: decisions link to ``<report_base_url>/<decision id>.html``; ``None`` leaves the
-            link empty.
+        reports: explanation reports of (defect) decisions and the decisions' links to them.
         shutdown_timeout_s: on SIGTERM, how long in-flight units may take to be scored and acknowledged.
         run_dir: where the resolved config is written at start; ``None`` writes nothing.
         log_format: ``text`` or ``json`` (one object per line).
@@ -424,15 +463,12 @@ class ServiceConfig:
     drift: DriftSection = field(default_factory=DriftSection)
     kafka: KafkaSection = field(default_factory=KafkaSection)
     security: SecuritySection = field(default_factory=SecuritySection)
-    report_base_url: str | None = None
+    reports: ReportsSection = field(default_factory=ReportsSection)
     shutdown_timeout_s: float = 30.0
     run_dir: str | None = None
     log_format: str = "text"
 
     def __post_init__(self) -> None:
-        if self.report_base_url is not None and not (isinstance(self.report_base_url, str)
-                                                     and self.report_base_url.strip()):
-            raise ConfigError(f"report_base_url must be a URL or null; got {self.report_base_url!r}")
         _number(self.shutdown_timeout_s, "shutdown_timeout_s", low=0, low_open=True, high=3600)
         _choice(self.log_format, "log_format", LOG_FORMATS)
 
