@@ -7,7 +7,9 @@ B units · M modalities · G groups of a modality · R coalition rows of one uni
 * Level 2 — inside each modality: Owen values of groups of encoder tokens (image regions, spectrum and envelope
   bands, waveform segments, temperature channel × time segments) under the modalities (:mod:`explain.hierarchy`).
   With ``masking="tokens"`` a group is switched off by hiding its tokens from the bridge and the pooled heads:
-  the encoders run once per unit, and each coalition costs one row of a batched ``fuse`` call.
+  the encoders run once per unit, and each coalition costs one row of a batched ``fuse`` call. With
+  ``masking="input"`` the group is removed from the reading itself (:mod:`explain.masking`: a blurred region, a
+  band-stop filter, a segment replaced by its baseline) and every coalition is preprocessed and encoded again.
 
 Every :class:`Attribution` states its level, method, masking, budget (distinct model evaluations), seed and
 efficiency gap: ``Σ φ − (v(all) − v(none))`` over the deepest level reported, on the logit scale.
@@ -32,11 +34,13 @@ from inspection.records import MODALITIES, Unit
 #: Levels :func:`explain` computes.
 LEVELS: tuple[int, ...] = (1, 2)
 #: How a group is switched off.
-MASKINGS: tuple[str, ...] = ("tokens",)
+MASKINGS: tuple[str, ...] = ("tokens", "input")
 #: Default budget of a level-2 explanation, in distinct model evaluations per unit.
 DEFAULT_BUDGET = 512
 #: Rows of one ``fuse`` call (bounds memory at rows x N x D).
 _CHUNK_ROWS = 256
+#: Units preprocessed and encoded together by input masking.
+_INPUT_CHUNK_UNITS = 32
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,8 @@ def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, bu
         units: the units to explain (each with at least one modality the model reads).
         level: 1 (modality) or 2 (groups inside each modality).
         budget: level 2: most distinct model evaluations per unit; ignored at level 1 (always 2^modalities).
-        masking: how a group is switched off; ``tokens`` (hide its encoder tokens).
+        masking: how a group is switched off: ``tokens`` (hide its encoder tokens) or ``input`` (remove it from the
+            reading and encode again; level 2 only matters, level 1 switches whole modalities off either way).
         seed: level 2: seeds the random orders of groups where enumeration does not fit the budget.
 
     Returns:
@@ -164,7 +169,10 @@ def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, bu
             encoded = model.encode(batch)  # [B, N, D]
             out = []
             for b, attribution in enumerate(top):
-                out.append(_level2(model, encoded, b, attribution, groups, budget, masking, seed))
+                if masking == "tokens":
+                    out.append(_level2(model, encoded, b, attribution, groups, budget, masking, seed))
+                else:
+                    out.append(_level2_input(model, units[b], attribution, groups, budget, seed))
     finally:
         model.train(was_training)
     return out
@@ -199,6 +207,43 @@ def _level2(model: InspectionModel, encoded: Encoded, b: int, top: ModalityAttri
         return values
 
     per_modality, used = owen_values(evaluate, sizes, budget=budget, seed=seed)
+    return _assemble(top, groups, per_modality, used, masking, seed)
+
+
+def _level2_input(model: InspectionModel, unit: Unit, top: ModalityAttribution, groups: dict[str, list[Group]],
+                  budget: int, seed: int) -> Attribution:
+    from explain.masking import group_frames, remove_groups
+
+    players = top.players
+    sizes = {m: len(groups[m]) for m in players}
+    frames = group_frames(groups)
+    device = next(model.parameters()).device
+
+    def evaluate(coalitions) -> list[float]:
+        values: list[float] = []
+        for lo in range(0, len(coalitions), _INPUT_CHUNK_UNITS):
+            part = coalitions[lo:lo + _INPUT_CHUNK_UNITS]
+            variants = []
+            present = torch.zeros(len(part), len(MODALITIES), dtype=torch.bool)
+            for r, coalition in enumerate(part):
+                hidden = {m: [g for i, g in enumerate(groups[m]) if i not in coalition.get(m, frozenset())]
+                          for m in players if coalition.get(m)}
+                variants.append(remove_groups(unit, hidden, frames))
+                for m, on in coalition.items():
+                    if on:
+                        present[r, MODALITIES.index(m)] = True
+            batch = model.batch(variants).to(device)
+            logits = model.fuse(model.encode(batch), present.to(device)).defect_logit
+            values.extend(logits.double().cpu().tolist())
+        return values
+
+    per_modality, used = owen_values(evaluate, sizes, budget=budget, seed=seed)
+    return _assemble(top, groups, per_modality, used, "input", seed)
+
+
+def _assemble(top: ModalityAttribution, groups: dict[str, list[Group]], per_modality: dict[str, GroupValues],
+              used: int, masking: str, seed: int) -> Attribution:
+    players = top.players
     out_groups: dict[str, tuple[GroupAttribution, ...]] = {}
     methods: dict[str, str] = {}
     for m in players:
