@@ -219,20 +219,32 @@ def _level2_input(model: InspectionModel, unit: Unit, top: ModalityAttribution, 
     frames = group_frames(groups)
     device = next(model.parameters()).device
 
+    prepared: dict[tuple[str, tuple[int, ...]], dict] = {}  # (modality, hidden groups) -> encoder input
+
+    def prepare(m: str, hidden: tuple[int, ...]) -> dict:
+        key = (m, hidden)
+        if key not in prepared:
+            changed = remove_groups(unit, {m: [groups[m][i] for i in hidden]}, frames)
+            prepared[key] = model.encoders[m].prepare(getattr(changed, m))
+        return prepared[key]
+
     def evaluate(coalitions) -> list[float]:
         values: list[float] = []
         for lo in range(0, len(coalitions), _INPUT_CHUNK_UNITS):
             part = coalitions[lo:lo + _INPUT_CHUNK_UNITS]
-            variants = []
+            rows = []
             present = torch.zeros(len(part), len(MODALITIES), dtype=torch.bool)
             for r, coalition in enumerate(part):
-                hidden = {m: [g for i, g in enumerate(groups[m]) if i not in coalition.get(m, frozenset())]
-                          for m in players if coalition.get(m)}
-                variants.append(remove_groups(unit, hidden, frames))
-                for m, on in coalition.items():
-                    if on:
-                        present[r, MODALITIES.index(m)] = True
-            batch = model.batch(variants).to(device)
+                # every modality of the unit is prepared (collate needs a full row); the coalition mask hides
+                # the ones switched off; a visible modality loses the groups outside the coalition
+                row = {}
+                for m in players:
+                    on = coalition.get(m, frozenset())
+                    hidden = tuple(i for i in range(len(groups[m])) if i not in on) if on else ()
+                    row[m] = prepare(m, hidden)
+                    present[r, MODALITIES.index(m)] = bool(on)
+                rows.append(row)
+            batch = model.collate(rows, [unit.line_id] * len(rows)).to(device)
             logits = model.fuse(model.encode(batch), present.to(device)).defect_logit
             values.extend(logits.double().cpu().tolist())
         return values
