@@ -497,7 +497,8 @@ class UndecodableBatch:
 
     Attributes:
         topic, partition: where it lies.
-        first_offset: offset of its first record (or the fetch position, when the batch itself is unknown).
+        first_offset: offset of its first record not handed out (records before it in the same batch that did
+            decode were delivered as usual), or the fetch position when the batch itself is unknown.
         next_offset: the offset after its last record: where reading resumes.
         first_timestamp_ms: its first record's timestamp from the batch header (-1 when unknown).
         codec: its compression codec by name (``"unknown"`` when unknown).
@@ -541,7 +542,7 @@ def undecodable_batch(exc: BaseException, consumer: KafkaConsumer | None = None)
     """
     from kafka.record.abc import ABCRecordBatch
 
-    batch, tp = None, None
+    batch, tp, delivered = None, None, None
     tb = exc.__traceback__
     while tb is not None:
         local = tb.tb_frame.f_locals
@@ -552,6 +553,8 @@ def undecodable_batch(exc: BaseException, consumer: KafkaConsumer | None = None)
             batch = candidate
         if isinstance(local.get("tp"), TopicPartition) and tb.tb_frame.f_code.co_name == "_unpack_records":
             tp = local["tp"]
+            # records of the batch before the broken one were already handed out: the range starts after them
+            delivered = getattr(local.get("self"), "next_fetch_offset", None)
         tb = tb.tb_next
     error = f"{type(exc).__name__}: {exc}"[:500]
     if batch is not None and tp is not None:
@@ -562,6 +565,8 @@ def undecodable_batch(exc: BaseException, consumer: KafkaConsumer | None = None)
         except Exception:  # noqa: BLE001 - a header that cannot be read: fall through to the fetch position
             pass
         else:
+            if isinstance(delivered, int) and first < delivered < nxt:
+                first = delivered
             if nxt > first >= 0:
                 return UndecodableBatch(tp.topic, tp.partition, first, nxt, ts, codec, error)
     # the parsed fetch the client is stuck on (kafka-python 3.0 keeps it in ``_next_partition_records``)

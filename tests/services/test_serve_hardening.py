@@ -290,3 +290,33 @@ def test_broker_gone_turns_readyz_503_and_sigterm_still_stops_the_service(servin
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_batch_broken_midway_is_located_after_the_records_already_handed_out(broker, topics, group_id):
+    from kafka import TopicPartition
+
+    from services.clients import make_consumer, undecodable_batch
+
+    messages = [RawMessage(f"k{i}".encode(), bytes([i]) * 400, [("h", b"x")], 1_000 + i) for i in range(6)]
+    tp = TopicPartition(topics.vision, 0)
+    produce_batch(broker.bootstrap, tp.topic, 0, messages[:2])
+    first = produce_batch(broker.bootstrap, tp.topic, 0, messages, "none", corrupt=True)  # the middle is garbage
+    after = produce_batch(broker.bootstrap, tp.topic, 0, messages[:1])
+    consumer = make_consumer([], broker.bootstrap, group_id)
+    got, located = [], []
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        deadline = time.monotonic() + 30
+        while after not in got and time.monotonic() < deadline:
+            try:
+                got += [r.offset for r in consumer.poll(timeout_ms=200).get(tp, [])]
+            except Exception as exc:  # noqa: BLE001 - the broken batch
+                located.append(undecodable_batch(exc, consumer))
+                consumer.seek(tp, located[-1].next_offset)
+    finally:
+        consumer.close(autocommit=False)
+    assert len(located) == 1 and located[0].next_offset == first + 6
+    delivered = [o for o in got if first <= o < first + 6]
+    assert delivered == list(range(first, located[0].first_offset))  # handed out before the break, not again
+    assert got == [0, 1, *delivered, after]
