@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -206,6 +211,72 @@ def metric_value() -> Callable[..., float]:
         return 0.0 if got is None else float(got)
 
     return value
+
+
+class ServeProcess:
+    """``inspection serve`` as a real child process, as deployed: started (again, on the same metrics port, after a
+    kill), waited for until ``/readyz`` answers 200, its HTTP endpoints read; output goes to ``log_path``."""
+
+    EXE = str(Path(sys.executable).parent / "inspection")
+    #: A service process imports torch and timm, loads its model and joins the group: allow a minute and a half.
+    START_TIMEOUT_S = 90.0
+
+    def __init__(self, config_path: Path, bootstrap: str, log_path: Path, group: str | None = None) -> None:
+        self.config_path, self.bootstrap, self.log_path, self.group = config_path, bootstrap, log_path, group
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> subprocess.Popen:
+        args = [self.EXE, "serve", "--bootstrap", self.bootstrap, "--config", str(self.config_path),
+                "--metrics-port", str(self.port)]
+        if self.group:
+            args += ["--group-id", self.group]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self.proc
+
+    def get(self, path: str) -> tuple[int, str]:
+        """``(status, body)`` of ``GET path`` on the metrics port; status 0 when nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the service exited with {self.proc.returncode}:\n{self.log_tail()}"
+            if self.get("/readyz")[0] == 200:
+                return
+            time.sleep(0.25)
+        pytest.fail(f"the service was not ready within {self.START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    """Factory of :class:`ServeProcess`; every process still running at the end of the test is killed."""
+    made: list[ServeProcess] = []
+
+    def make(config_path: Path, bootstrap: str, log_path: Path, group: str | None = None) -> ServeProcess:
+        made.append(ServeProcess(config_path, bootstrap, log_path, group))
+        return made[-1]
+
+    yield make
+    for process in made:
+        process.kill()
 
 
 def headers_of(record) -> dict[str, str]:

@@ -7,14 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,42 +47,6 @@ def by_partition(units) -> dict[int, list]:
     for u in units:
         out.setdefault(partition_for(u.unit_id.encode(), PARTITIONS), []).append(u)
     return out
-
-
-# ------------------------------------------------------------------------------------ a service process
-EXE = str(Path(sys.executable).parent / "inspection")
-START_TIMEOUT_S = 90.0
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
-
-
-def start_service(config_path: Path, bootstrap: str, log_path: Path) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([EXE, "serve", "--bootstrap", bootstrap, "--config", str(config_path),
-                                 "--metrics-port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    return proc, port
-
-
-def wait_ready(proc: subprocess.Popen, port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the service exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-        if http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-            return
-        time.sleep(0.25)
-    pytest.fail(f"the service was not ready within {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
 
 
 # --------------------------------------------------------------------------------------------- the batches
@@ -175,35 +133,28 @@ def test_undecodable_batch_is_dead_lettered_as_a_marker_and_the_partition_goes_o
 
 
 def test_undecodable_batch_does_not_wedge_the_process_and_sigterm_stops_it(
-        broker, topics, unit_factory, service_config, read_topic, parse_decisions, tmp_path):
+        broker, topics, unit_factory, service_config, read_topic, parse_decisions, serve_process, tmp_path):
     path = tmp_path / "service.json"
     path.write_text(json.dumps(service_config(join={"timeout_s": 2.0}).resolved()))
     rng = np.random.default_rng(5)
     units = [unit_factory(i, rng) for i in range(12)]
-    log_path = tmp_path / "service.log"
-    proc, port = start_service(path, broker.bootstrap, log_path)
-    try:
-        wait_ready(proc, port, log_path)
-        for p, group in by_partition(units).items():
-            for modality in MODALITIES:
-                write(broker.bootstrap, topics, modality, [getattr(u, modality) for u in group], "zstd",
-                      corrupt=(p == 0 and modality == "vision"))
-        got = parse_decisions(read_topic(topics.decisions, len(units)))
-        assert {d.unit_id for d in got} == {u.unit_id for u in units}
-        status, body = http_get(f"http://127.0.0.1:{port}/readyz")
-        assert status == 200, body
-        _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
-        assert "inspection_undecodable_batches_total 1.0" in metrics
-        start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-        assert rc == 0, log_path.read_text()[-3000:]
-        assert time.monotonic() - start < 30
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "cannot decode the record batch" in log_path.read_text()
+    service = serve_process(path, broker.bootstrap, tmp_path / "service.log")
+    proc = service.start()
+    service.wait_ready()
+    for p, group in by_partition(units).items():
+        for modality in MODALITIES:
+            write(broker.bootstrap, topics, modality, [getattr(u, modality) for u in group], "zstd",
+                  corrupt=(p == 0 and modality == "vision"))
+    got = parse_decisions(read_topic(topics.decisions, len(units)))
+    assert {d.unit_id for d in got} == {u.unit_id for u in units}
+    status, body = service.get("/readyz")
+    assert status == 200, body
+    assert "inspection_undecodable_batches_total 1.0" in service.get("/metrics")[1]
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, service.log_tail()
+    assert time.monotonic() - start < 30
+    assert "cannot decode the record batch" in service.log_tail(1_000_000)
 
 
 # ------------------------------------------------------------------------------------- wire contract
@@ -259,7 +210,7 @@ def test_event_time_bounds_null_key_and_duplicate_modality(broker, topics, unit_
     assert decisions[normal.unit_id].missing == ()
 
 
-def test_broker_gone_turns_readyz_503_and_sigterm_still_stops_the_service(serving_store, tmp_path):
+def test_broker_gone_turns_readyz_503_and_sigterm_still_stops_the_service(serving_store, serve_process, tmp_path):
     from services.broker import EmbeddedBroker, TopicNames, create_topics
 
     private = EmbeddedBroker(log_path=tmp_path / "tansu.log")
@@ -271,25 +222,22 @@ def test_broker_gone_turns_readyz_503_and_sigterm_still_stops_the_service(servin
         "model": {"store": str(serving_store), "device": "cpu"},
         "topics": {n: getattr(topics, n) for n in ("vision", "vibration", "temperature", "decisions", "dlq")},
         "kafka": {"group_id": "gone"}, "shutdown_timeout_s": 30}))
-    log_path = tmp_path / "service.log"
-    proc, port = start_service(path, private.bootstrap, log_path)
+    service = serve_process(path, private.bootstrap, tmp_path / "service.log")
     try:
-        wait_ready(proc, port, log_path)
+        proc = service.start()
+        service.wait_ready()
         private.stop()
         deadline = time.monotonic() + 60  # twice the 6 s session timeout without a heartbeat, then 503
-        while (status := http_get(f"http://127.0.0.1:{port}/readyz"))[0] != 503:
+        while (status := service.get("/readyz"))[0] != 503:
             assert time.monotonic() < deadline, f"/readyz still answers {status} with the broker gone"
             time.sleep(0.5)
         assert "input not consumed" in status[1]
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        assert proc.wait(timeout=60) == 0, service.log_tail()
         assert time.monotonic() - start < 45  # the shutdown timeout plus the bounded commit and close
     finally:
         private.stop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_batch_broken_midway_is_located_after_the_records_already_handed_out(broker, topics, group_id):
