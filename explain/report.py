@@ -17,6 +17,7 @@ from the ids themselves.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import json
@@ -149,7 +150,7 @@ def heatmap_picture(image: np.ndarray, groups: Sequence[Mapping[str, Any]], widt
     URI. Region spans are pixel boxes in the model's input frame; they are scaled to the image's own size."""
     import cv2
 
-    img = image.astype(np.float64)
+    img = image.astype(np.float32)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     hi = float(img.max()) or 1.0
@@ -164,7 +165,7 @@ def heatmap_picture(image: np.ndarray, groups: Sequence[Mapping[str, Any]], widt
         frame_w = max(g["span"][3] for g in regions)
         scale = max(abs(g["phi"]) for g in regions)
         overlay = img.copy()
-        alpha = np.zeros((out_h, out_w, 1))
+        alpha = np.zeros((out_h, out_w, 1), np.float32)
         for g in regions:
             y0, x0, y1, x1 = g["span"]
             r0, r1 = round(y0 / frame_h * out_h), round(y1 / frame_h * out_h)
@@ -293,7 +294,9 @@ def temperature_pictures(values: np.ndarray, rate_hz: float, groups: Sequence[Ma
 
 
 # ------------------------------------------------------------------------------------------------ html
+@functools.cache
 def _env():
+    """The templates' environment, made once per process (compiling a template costs more than rendering it)."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     return Environment(loader=PackageLoader("explain", "templates"), autoescape=select_autoescape(["html", "j2"]),
