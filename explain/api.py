@@ -178,6 +178,24 @@ def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, bu
     return out
 
 
+def explain_encoded(model: InspectionModel, encoded: Encoded, row: int, top: ModalityAttribution, *,
+                    budget: int = DEFAULT_BUDGET, seed: int = 0) -> Attribution:
+    """Level 2 with token masking for one unit whose encoder tokens exist already (row ``row`` of ``encoded``,
+    e.g. from the forward pass that scored it) and whose level-1 attribution is ``top``: no preprocessing and no
+    encoder pass, only the coalitions' fusion rows. Same values as :func:`explain` for that unit.
+
+    Raises:
+        ValueError: a budget below what one order of each modality's groups needs.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():  # the tokens may come from an inference-mode forward pass
+            return _level2(model, encoded, row, top, model_groups(model), budget, "tokens", seed)
+    finally:
+        model.train(was_training)
+
+
 def _level2(model: InspectionModel, encoded: Encoded, b: int, top: ModalityAttribution,
             groups: dict[str, list[Group]], budget: int, masking: str, seed: int) -> Attribution:
     players = top.players

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from explain import explain
+from explain.api import explain_encoded
 from explain.report import build_report, render_unit_html, report_stem
 from inspection.errors import ConfigError
 from inspection.records import Decision, Unit
@@ -53,8 +54,14 @@ class StreamReporter:
     def wanted(self, decision: Decision) -> bool:
         return self.units == "all" or (self.units == "defects" and decision.decision == "defect")
 
-    def write(self, model, pairs: Sequence[tuple[Unit, Decision]]) -> dict[str, str]:
+    def write(self, model, pairs: Sequence[tuple[Unit, Decision]], scored: Sequence | None = None) -> dict[str, str]:
         """Explain and write the reports of ``(unit, decision)`` pairs; returns decision id -> link.
+
+        Args:
+            model: the model that decided.
+            pairs: the units (as scored) and their decisions.
+            scored: per pair, the scoring result (:class:`services.scoring.Scored`) holding the unit's encoder
+                tokens and level-1 attribution: level 2 then only runs the coalitions' fusion rows.
 
         Raises:
             Exception: whatever explaining or writing raised (the caller logs it and sends without links).
@@ -62,7 +69,11 @@ class StreamReporter:
         if not pairs:
             return {}
         units = [u for u, _ in pairs]
-        attributions = explain(model, units, level=self.level, budget=self.budget, seed=self.seed)
+        if scored is not None and self.level == 2 and all(s.encoded is not None for s in scored):
+            attributions = [explain_encoded(model, s.encoded, s.row, s.attribution, budget=self.budget,
+                                            seed=self.seed) for s in scored]
+        else:
+            attributions = explain(model, units, level=self.level, budget=self.budget, seed=self.seed)
         links: dict[str, str] = {}
         for (unit, decision), attribution in zip(pairs, attributions, strict=True):
             report = build_report(attribution, unit=unit, decision=decision)

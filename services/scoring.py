@@ -130,12 +130,18 @@ class Scored:
         decision: the decision, or None when nothing of the unit could be scored.
         dead: readings dead-lettered at the score stage (the decision, if any, is made without them).
         modality_scores: per scored modality, the modality head's defect probability (drift input).
+        attribution: the decision's modality attribution (level 1).
+        encoded: the encoder tokens of the forward pass that scored the unit (shared by its batch), and
+        row: the unit's row in them; explanation reports reuse them instead of encoding the unit again.
     """
 
     joined: JoinedUnit
     decision: Decision | None = None
     dead: list[DeadLetter] = field(default_factory=list)
     modality_scores: dict[str, float] = field(default_factory=dict)
+    attribution: Any = None
+    encoded: Any = None
+    row: int = -1
 
     @property
     def decision_coordinates(self) -> tuple[InputCoordinate, ...]:
@@ -342,6 +348,7 @@ def _forward(serving: ServingModel, results: list[Scored],
         values = CoalitionValues(players, dict(zip(coalitions, (logit_list[r] for r in span), strict=True)),
                                  dict(zip(coalitions, (prob64[r] for r in span), strict=True)))
         attribution = attribution_from_values(res.joined.unit.unit_id, values)
+        res.attribution, res.encoded, res.row = attribution, encoded, b
         score = float(probs[full])
         threshold = float(thresholds[b])
         is_defect = score >= threshold

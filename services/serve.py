@@ -1020,13 +1020,14 @@ class StreamService:
         """Explanation reports of the batch's selected decisions, before they are sent; decision id -> link."""
         if self._reporter is None:
             return {}
-        pairs = [(self._scored_unit(item, s.decision), s.decision) for item, s in zip(batch, scored, strict=True)
-                 if s.decision is not None and self._reporter.wanted(s.decision)]
-        if not pairs:
+        chosen = [(item, s) for item, s in zip(batch, scored, strict=True)
+                  if s.decision is not None and self._reporter.wanted(s.decision)]
+        if not chosen:
             return {}
+        pairs = [(self._scored_unit(item, s.decision), s.decision) for item, s in chosen]
         t0 = time.monotonic()
         try:
-            links = self._reporter.write(serving.model, pairs)
+            links = self._reporter.write(serving.model, pairs, [s for _, s in chosen])
         except Exception as exc:  # noqa: BLE001 - a report must never cost a decision
             self.metrics.reports.labels("failed").inc(len(pairs))
             log.error("explanation reports of %d decisions failed (%s: %s); they are sent without a link",

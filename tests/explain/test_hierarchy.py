@@ -188,3 +188,27 @@ def test_explain_rejects_unknown_levels_maskings_and_empty_input(small_model_fac
         explain(model, units, level=2, masking="pixels")
     with pytest.raises(ValueError, match="at least one unit"):
         explain(model, [], level=1)
+
+
+def test_level2_from_existing_encoder_tokens_equals_the_full_explanation(small_model_factory, unit_factory):
+    import torch
+
+    from explain import explain
+    from explain.api import explain_encoded
+    from explain.shapley import explain_modalities
+
+    model = small_model_factory()
+    rng = np.random.default_rng(4)
+    units = [unit_factory(i, rng) for i in range(3)] + [unit_factory(3, rng, drop=("vision",))]
+    model.fit_normalisation(model.batch(units))
+    model.eval()
+    batch = model.batch(units)
+    with torch.inference_mode():  # as the scoring pass makes them
+        encoded = model.encode(batch)
+    tops = explain_modalities(model, batch, [u.unit_id for u in units])
+    direct = explain(model, units, level=2, budget=200, seed=5)
+    for b, (top, full) in enumerate(zip(tops, direct, strict=True)):
+        reused = explain_encoded(model, encoded, b, top, budget=200, seed=5)
+        assert reused.budget == full.budget and reused.group_methods == full.group_methods
+        for m in full.groups:
+            assert [g.phi for g in reused.groups[m]] == pytest.approx([g.phi for g in full.groups[m]], abs=1e-6)
