@@ -241,8 +241,10 @@ def line_chart_svg(x: np.ndarray, series: Sequence[tuple[str, np.ndarray]], band
     parts.append(f'<text x="{pad_l}" y="{height - 18}" font-size="10">{x0:g}</text>')
     parts.append(f'<text x="{pad_l + pw}" y="{height - 18}" font-size="10" text-anchor="end">{x1:g}</text>')
     parts.append(f'<text x="4" y="{pad_t + 10}" font-size="10">{html.escape(y_label)}</text>')
-    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 22}" font-size="10" text-anchor="end">{y1:.3g}</text>')
-    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + ph}" font-size="10" text-anchor="end">{y0:.3g}</text>')
+    # enough digits that the two ends of the axis read differently (a trace 22.10-22.14 degC is not "22.1-22.1")
+    digits = 3 + min(5, max(0, int(-math.log10(max((y1 - y0) / max(abs(y0), abs(y1), 1e-12), 1e-12)))))
+    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 22}" font-size="10" text-anchor="end">{y1:.{digits}g}</text>')
+    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + ph}" font-size="10" text-anchor="end">{y0:.{digits}g}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
