@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from explain.hierarchy import Group, GroupValues, groups_from_tokens, owen_values
+from explain.hierarchy import minimum_budget as hierarchy_minimum
 from explain.shapley import METHOD_EXACT, ModalityAttribution, explain_modalities
 from inspection.model import Encoded, InspectionModel
 from inspection.records import MODALITIES, Unit
@@ -124,8 +125,7 @@ def model_groups(model: InspectionModel) -> dict[str, list[Group]]:
 
 def minimum_budget(model: InspectionModel) -> int:
     """The smallest level-2 budget that explains a unit with every modality the model reads."""
-    sizes = {m: len(g) for m, g in model_groups(model).items()}
-    return sum(2 ** (len(sizes) - 1) * (k + 1) for k in sizes.values())
+    return hierarchy_minimum({m: len(g) for m, g in model_groups(model).items()})
 
 
 def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, budget: int = DEFAULT_BUDGET,
@@ -179,10 +179,12 @@ def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, bu
 
 
 def explain_encoded(model: InspectionModel, encoded: Encoded, row: int, top: ModalityAttribution, *,
-                    budget: int = DEFAULT_BUDGET, seed: int = 0) -> Attribution:
+                    budget: int = DEFAULT_BUDGET, seed: int = 0,
+                    groups: dict[str, list[Group]] | None = None) -> Attribution:
     """Level 2 with token masking for one unit whose encoder tokens exist already (row ``row`` of ``encoded``,
     e.g. from the forward pass that scored it) and whose level-1 attribution is ``top``: no preprocessing and no
-    encoder pass, only the coalitions' fusion rows. Same values as :func:`explain` for that unit.
+    encoder pass, only the coalitions' fusion rows. Same values as :func:`explain` for that unit. ``groups``
+    (:func:`model_groups`) may be passed in when many units are explained with one model.
 
     Raises:
         ValueError: a budget below what one order of each modality's groups needs.
@@ -191,7 +193,7 @@ def explain_encoded(model: InspectionModel, encoded: Encoded, row: int, top: Mod
     model.eval()
     try:
         with torch.inference_mode():  # the tokens may come from an inference-mode forward pass
-            return _level2(model, encoded, row, top, model_groups(model), budget, "tokens", seed)
+            return _level2(model, encoded, row, top, groups or model_groups(model), budget, "tokens", seed)
     finally:
         model.train(was_training)
 

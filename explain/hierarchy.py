@@ -158,6 +158,12 @@ def _key(coalition: Coalition) -> tuple:
     return tuple(sorted((m, tuple(sorted(g))) for m, g in coalition.items() if g))
 
 
+def minimum_budget(sizes: Mapping[str, int]) -> int:
+    """The smallest budget :func:`owen_values` takes for these group counts: one order of each modality's groups
+    per coalition of the other modalities."""
+    return sum(2 ** (len(sizes) - 1) * (k + 1) for k in sizes.values())
+
+
 def owen_values(evaluate: Callable[[list[Coalition]], Sequence[float]], sizes: Mapping[str, int], *,
                 budget: int, seed: int = 0, enumerate_when_possible: bool = True) -> tuple[dict[str, GroupValues], int]:
     """Owen values of every group of every modality of one unit.
@@ -183,7 +189,7 @@ def owen_values(evaluate: Callable[[list[Coalition]], Sequence[float]], sizes: M
         raise ValueError(f"need at least one modality, each with at least one group; got {dict(sizes)}")
     n = len(players)
     outer = 2 ** (n - 1)
-    minimum = sum(outer * (k + 1) for k in sizes.values())
+    minimum = minimum_budget(sizes)
     if budget < minimum:
         raise ValueError(f"budget must be at least {minimum} evaluations for groups {dict(sizes)} "
                          f"(one order of each modality's groups per coalition of the other modalities); got {budget}")

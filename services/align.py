@@ -103,6 +103,7 @@ class EventTimeAligner:
         """
         out: list[Any] = []
         self.waiting = False
+        ceiling = None if self.max_future_ms is None else int(self._wall_ms() + self.max_future_ms)
         active = sorted({p for (_, p), buf in self._buffers.items() if buf})
         # one record per partition number per pass, so a limit never starves the higher partition numbers
         while active and (limit is None or len(out) < limit):
@@ -111,20 +112,20 @@ class EventTimeAligner:
                 if limit is not None and len(out) >= limit:
                     still.append(p)
                     continue
-                record = self._next(p, now, owned)
+                record = self._next(p, now, owned, ceiling)
                 if record is not None:
                     out.append(record)
                     still.append(p)
             active = still
         return out
 
-    def _next(self, p: int, now: float, owned: Callable[[str, int], bool]) -> Any | None:
-        """The next record of partition number ``p``, or None when it is empty or must wait."""
+    def _next(self, p: int, now: float, owned: Callable[[str, int], bool], ceiling: int | None) -> Any | None:
+        """The next record of partition number ``p``, or None when it is empty or must wait (timestamps capped
+        at ``ceiling``)."""
         heads = [(t, self._buffers.get((t, p))) for t in self.topics]
         ready = [(t, buf) for t, buf in heads if buf]
         if not ready:
             return None
-        ceiling = None if self.max_future_ms is None else int(self._wall_ms() + self.max_future_ms)
         topic, buf = min(ready, key=lambda tb: (_timestamp(tb[1][0], ceiling), self._order[tb[0]], tb[1][0].offset))
         head = _timestamp(buf[0], ceiling)
         if self._must_wait(p, head, [t for t, b in heads if not b], now, owned):

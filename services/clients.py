@@ -517,6 +517,15 @@ class UndecodableBatch:
     def last_offset(self) -> int:
         return self.next_offset - 1
 
+    # read by the alignment buffers, where a skipped batch waits in offset order like the records around it
+    @property
+    def offset(self) -> int:
+        return self.first_offset
+
+    @property
+    def timestamp(self) -> int:
+        return self.first_timestamp_ms
+
 
 _CODEC_NAMES = {0: "none", 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
 

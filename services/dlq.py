@@ -132,7 +132,8 @@ def dead_letter(
 
 def batch_marker(*, topic: str, partition: int, first_offset: int, last_offset: int, codec: str,
                  detail: str) -> DeadLetter:
-    """The dead letter of a record batch that could not be decoded: no key, no value, the offsets it covered.
+    """The dead letter of a record batch that could not be decoded: no key, a JSON value naming the offsets it
+    covered, its codec and the error (see the module docstring).
 
     Raises:
         ValueError: ``last_offset`` before ``first_offset``.

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from explain import explain
-from explain.api import explain_encoded
+from explain.api import explain_encoded, model_groups
 from explain.report import build_report, render_unit_html, report_stem
 from inspection.errors import ConfigError
 from inspection.records import Decision, Unit
@@ -70,8 +70,9 @@ class StreamReporter:
             return {}
         units = [u for u, _ in pairs]
         if scored is not None and self.level == 2 and all(s.encoded is not None for s in scored):
+            groups = model_groups(model)
             attributions = [explain_encoded(model, s.encoded, s.row, s.attribution, budget=self.budget,
-                                            seed=self.seed) for s in scored]
+                                            seed=self.seed, groups=groups) for s in scored]
         else:
             attributions = explain(model, units, level=self.level, budget=self.budget, seed=self.seed)
         links: dict[str, str] = {}

@@ -109,30 +109,6 @@ class WorkItem:
     generation: int
 
 
-@dataclass(frozen=True)
-class _SkippedBatch:
-    """An undecodable record batch, queued in the alignment buffers in offset order like the records around it,
-    so that it is settled (dead-lettered and counted as processed) only after the records before it."""
-
-    batch: UndecodableBatch
-
-    @property
-    def topic(self) -> str:
-        return self.batch.topic
-
-    @property
-    def partition(self) -> int:
-        return self.batch.partition
-
-    @property
-    def offset(self) -> int:
-        return self.batch.first_offset
-
-    @property
-    def timestamp(self) -> int:
-        return self.batch.first_timestamp_ms
-
-
 @dataclass
 class Outgoing:
     """One record for the decisions topic or the DLQ, with what its acknowledgement settles."""
@@ -574,11 +550,10 @@ class StreamService:
             return
         self.stats.undecodable_batches += 1
         self.metrics.undecodable_batches.inc()
-        self._aligner.add(_SkippedBatch(batch))
+        self._aligner.add(batch)  # settled behind the records before it (see _settle_skipped)
 
-    def _settle_skipped(self, skipped: _SkippedBatch) -> None:
+    def _settle_skipped(self, b: UndecodableBatch) -> None:
         """The records before a skipped batch went through: dead-letter its marker and count it processed."""
-        b = skipped.batch
         self._tracker.processed(b.topic, b.partition, b.last_offset)
         letter = dlqmod.batch_marker(topic=b.topic, partition=b.partition, first_offset=b.first_offset,
                                      last_offset=b.last_offset, codec=b.codec,
@@ -731,7 +706,7 @@ class StreamService:
 
     # ------------------------------------------------------------------------------------------ records
     def _handle_record(self, record: Any) -> None:
-        if isinstance(record, _SkippedBatch):
+        if isinstance(record, UndecodableBatch):
             self._settle_skipped(record)
             return
         coordinate = InputCoordinate(record.topic, record.partition, record.offset)

@@ -135,54 +135,6 @@ def test_missing_modalities_are_marked_and_late_readings_dead_lettered(
     assert metric_value(service, "inspection_dlq_total", stage="join", reason="late") == len(late_vibration)
 
 
-def produce_raw(bootstrap: str, topic: str, partitions: int, msg) -> tuple[int, int]:
-    """Write one record with a hand-built ProduceRequest (v3, acks=all) over a plain socket.
-
-    This is how a foreign client writes a header without a value: the Kafka protocol allows it (librdkafka and
-    the Java client send them) but kafka-python refuses one. Returns the record's (partition, offset).
-    """
-    import socket
-    import struct
-
-    from kafka.partitioner.default import murmur2
-    from kafka.record.default_records import DefaultRecordBatchBuilder
-
-    partition = (murmur2(msg.key) & 0x7FFFFFFF) % partitions
-    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
-                                        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
-    builder.append(0, msg.timestamp_ms, msg.key, msg.value, list(msg.headers))
-    batch = bytes(builder.build())
-
-    def string(text: str) -> bytes:
-        raw = text.encode()
-        return struct.pack(">h", len(raw)) + raw
-
-    body = (struct.pack(">hhi", 0, 3, 1) + string("raw-producer")  # header: Produce v3, correlation id 1
-            + struct.pack(">hhi", -1, -1, 10_000)  # no transactional id, acks=all, timeout
-            + struct.pack(">i", 1) + string(topic) + struct.pack(">i", 1) + struct.pack(">i", partition)
-            + struct.pack(">i", len(batch)) + batch)
-    host, port = bootstrap.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(struct.pack(">i", len(body)) + body)
-        size = struct.unpack(">i", _read(sock, 4))[0]
-        reply = _read(sock, size)
-    pos = 4 + 4  # correlation id, topic count
-    (name_len,) = struct.unpack_from(">h", reply, pos)
-    pos += 2 + name_len + 4  # topic name, partition count
-    got_partition, error, offset = struct.unpack_from(">ihq", reply, pos)
-    assert error == 0 and got_partition == partition, f"produce failed with error code {error}"
-    return partition, offset
-
-
-def _read(sock, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "the broker closed the connection"
-        data += chunk
-    return data
-
-
 def load_bad_inputs():
     """The codec's bad-input table (tests/inspection/test_codec.py), loaded from its file."""
     import importlib.util
@@ -206,6 +158,7 @@ def test_every_bad_input_is_dead_lettered_with_its_reason_and_good_units_still_d
         metric_value):
     from services.clients import make_producer
     from services.publish import publish_units
+    from services.rawbatch import RawMessage, partition_for, produce_batch
 
     bad_inputs = load_bad_inputs()
     assert len(bad_inputs) >= 40 and len({case[-1] for case in bad_inputs}) >= 20  # the whole table, not a sample
@@ -221,7 +174,11 @@ def test_every_bad_input_is_dead_lettered_with_its_reason_and_good_units_still_d
                 msg = factory()
                 topic = topics.for_modality(modality)
                 if any(v is None for _, v in msg.headers):
-                    partition, offset = produce_raw(broker.bootstrap, topic, 3, msg)
+                    # a header without a value: the protocol allows it (librdkafka and the Java client send
+                    # them), kafka-python refuses one, so this record is written as a raw batch
+                    partition = partition_for(msg.key, 3)
+                    offset = produce_batch(broker.bootstrap, topic, partition,
+                                           [RawMessage(msg.key, msg.value, list(msg.headers), msg.timestamp_ms)])
                 else:
                     md = producer.send(topic, key=msg.key, value=msg.value, headers=list(msg.headers),
                                        timestamp_ms=msg.timestamp_ms).get(timeout=30)

@@ -152,6 +152,16 @@ def test_drift_monitor_rejects_bad_settings(kwargs):
         DriftMonitor(**kwargs)
 
 
+def test_a_dead_letter_of_a_record_with_neither_key_nor_value_gets_an_empty_value_and_says_so():
+    letter = dead_letter(key=None, value=None, headers=[("ce_id", b"x")], coordinate=InputCoordinate("t", 0, 5),
+                         stage="deserialize", reason="missing_key", detail="no key")
+    assert letter.key is None and letter.value == b""  # Kafka clients cannot write a record with neither
+    assert ("dlq_null_value", b"true") in letter.headers
+    kept = dead_letter(key=None, value=b"v", headers=[], coordinate=InputCoordinate("t", 0, 6),
+                       stage="deserialize", reason="missing_key", detail="no key")
+    assert kept.value == b"v" and all(k != "dlq_null_value" for k, _ in kept.headers)
+
+
 # ------------------------------------------------------------------------------------------------- align
 Rec = namedtuple("Rec", "topic partition offset timestamp")
 TOPICS = ("v", "b", "t")
