@@ -117,10 +117,11 @@ class Attribution:
         }
 
 
-def model_groups(model: InspectionModel) -> dict[str, list[Group]]:
-    """The level-2 groups of each modality the model reads (:func:`explain.hierarchy.groups_from_tokens`)."""
+def model_groups(model: InspectionModel, **limits) -> dict[str, list[Group]]:
+    """The level-2 groups of each modality the model reads (:func:`explain.hierarchy.groups_from_tokens`;
+    ``limits`` are its ``max_regions``, ``max_bands`` and ``max_segments``)."""
     infos = model.token_info()
-    return {m: groups_from_tokens(m, infos[m]) for m in model.config.modalities}
+    return {m: groups_from_tokens(m, infos[m], **limits) for m in model.config.modalities}
 
 
 def minimum_budget(model: InspectionModel) -> int:
@@ -129,7 +130,7 @@ def minimum_budget(model: InspectionModel) -> int:
 
 
 def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, budget: int = DEFAULT_BUDGET,
-            masking: str = "tokens", seed: int = 0) -> list[Attribution]:
+            masking: str = "tokens", seed: int = 0, groups: dict[str, list[Group]] | None = None) -> list[Attribution]:
     """Explain each unit's defect score (see the module docstring).
 
     Args:
@@ -140,6 +141,8 @@ def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, bu
         masking: how a group is switched off: ``tokens`` (hide its encoder tokens) or ``input`` (remove it from the
             reading and encode again; level 2 only matters, level 1 switches whole modalities off either way).
         seed: level 2: seeds the random orders of groups where enumeration does not fit the budget.
+        groups: level 2: the groups of each modality (default :func:`model_groups` of the model; e.g.
+            ``model_groups(model, max_bands={"envelope": 32})`` for finer envelope bands).
 
     Returns:
         One :class:`Attribution` per unit, in order.
@@ -161,7 +164,7 @@ def explain(model: InspectionModel, units: Sequence[Unit], *, level: int = 1, bu
         n = [len(a.players) for a in top]
         return [Attribution(a.unit_id, 1, masking, METHOD_EXACT, 2 ** k, None, a, efficiency_gap=a.efficiency_gap)
                 for a, k in zip(top, n, strict=True)]
-    groups = model_groups(model)
+    groups = groups or model_groups(model)
     was_training = model.training
     model.eval()
     try:

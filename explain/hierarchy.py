@@ -66,8 +66,8 @@ def _runs(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
-def groups_from_tokens(modality: str, infos: Sequence, *, max_regions: int = 16, max_bands: int = 8,
-                       max_segments: int = 4) -> list[Group]:
+def groups_from_tokens(modality: str, infos: Sequence, *, max_regions: int = 16,
+                       max_bands: int | Mapping[str, int] = 8, max_segments: int = 4) -> list[Group]:
     """Group a modality's tokens for attribution, from the encoder's token descriptions (``token_info()``).
 
     Image regions: the token grid in at most ``max_regions`` blocks (a square-ish grid of blocks). Spectrum and
@@ -77,6 +77,9 @@ def groups_from_tokens(modality: str, infos: Sequence, *, max_regions: int = 16,
     Args:
         modality: the modality the tokens belong to.
         infos: its tokens' :class:`~inspection.encoders.TokenInfo`, in token order.
+        max_regions, max_segments: see above.
+        max_bands: one limit for both band kinds, or per kind (``{"spectrum": 8, "envelope": 32}``; a kind left
+            out keeps 8), e.g. to read the envelope spectrum at the model's own token resolution.
 
     Returns:
         Groups in token order; every token is in exactly one group.
@@ -107,7 +110,10 @@ def groups_from_tokens(modality: str, infos: Sequence, *, max_regions: int = 16,
                             f"(y {span[0]:.0f}-{span[2]:.0f} px, x {span[1]:.0f}-{span[3]:.0f} px)")
                     out.append(Group(modality, name, kind, span, tuple(members)))
         elif kind in ("spectrum", "envelope", "waveform"):
-            limit = max_bands if kind != "waveform" else max_segments
+            if kind == "waveform":
+                limit = max_segments
+            else:
+                limit = max_bands.get(kind, 8) if isinstance(max_bands, Mapping) else max_bands
             unit = "s" if kind == "waveform" else "Hz"
             fmt = "{:.3f}" if kind == "waveform" else "{:.0f}"
             for a, b in _runs(len(idx), limit):

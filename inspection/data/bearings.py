@@ -54,6 +54,9 @@ __all__ = [
     "SPLITS",
     "BearingRecording",
     "BearingWindow",
+    "RIG_BEARING",
+    "BearingGeometry",
+    "fault_frequencies",
     "fetch_bearings",
     "iter_windows",
     "load_bearings",
@@ -98,6 +101,45 @@ _CLASS_OF_PREFIX = {
     "InnerRaceFault_vload": "inner_race",
 }
 _REQUIRED_METADATA = ("sampling_rate", "num_samples", "signal_unit")
+
+
+@dataclass(frozen=True)
+class BearingGeometry:
+    """A rolling-element bearing's geometry (lengths in any one unit).
+
+    Attributes:
+        rollers: number of rolling elements.
+        roller_diameter: rolling-element diameter d.
+        pitch_diameter: pitch diameter D.
+        contact_angle_deg: contact angle.
+    """
+
+    rollers: int
+    roller_diameter: float
+    pitch_diameter: float
+    contact_angle_deg: float = 0.0
+
+
+RIG_BEARING = BearingGeometry(rollers=8, roller_diameter=0.235, pitch_diameter=1.245, contact_angle_deg=0.0)
+"""The MFPT test rig's bearing (NICE bearing; inches), as MFPT's data description states it."""
+
+
+def fault_frequencies(shaft_hz: float, geometry: BearingGeometry = RIG_BEARING) -> dict[str, float]:
+    """The bearing's characteristic fault frequencies (Hz) at shaft rate ``shaft_hz`` with a stationary outer race.
+
+    ``r = d/D cos(angle)``; outer race (BPFO) ``n/2 f (1 - r)``; inner race (BPFI) ``n/2 f (1 + r)``; cage (FTF)
+    ``f/2 (1 - r)``; rolling element (BSF) ``D/(2d) f (1 - r^2)``. On the rig (25 Hz): BPFO 81.1 Hz,
+    BPFI 118.9 Hz. An impact train at one of them modulates the structure's resonances, so it shows in the
+    envelope spectrum (with harmonics), not as a line in the plain spectrum.
+    """
+    g = geometry
+    r = g.roller_diameter / g.pitch_diameter * math.cos(math.radians(g.contact_angle_deg))
+    return {
+        "BPFO": g.rollers / 2 * shaft_hz * (1 - r),
+        "BPFI": g.rollers / 2 * shaft_hz * (1 + r),
+        "FTF": shaft_hz / 2 * (1 - r),
+        "BSF": g.pitch_diameter / (2 * g.roller_diameter) * shaft_hz * (1 - r * r),
+    }
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

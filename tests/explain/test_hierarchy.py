@@ -151,6 +151,21 @@ def test_groups_partition_every_encoders_tokens(small_model_factory):
         assert len({g.name for g in groups}) == len(groups)
 
 
+def test_band_limits_per_kind_read_the_envelope_at_token_resolution(small_model_factory):
+    model = small_model_factory()
+    infos = model.token_info()["vibration"]
+    n_env = sum(i.kind == "envelope" for i in infos)
+    n_spec = sum(i.kind == "spectrum" for i in infos)
+    fine = groups_from_tokens("vibration", infos, max_bands={"envelope": n_env})
+    envelope = [g for g in fine if g.kind == "envelope"]
+    assert len(envelope) == n_env and all(len(g.tokens) == 1 for g in envelope)
+    assert len([g for g in fine if g.kind == "spectrum"]) == min(8, n_spec)  # a kind left out keeps 8
+    spans = [g.span for g in envelope]
+    assert all(a[1] == pytest.approx(b[0]) for a, b in zip(spans, spans[1:], strict=False))  # contiguous bands
+    one = groups_from_tokens("vibration", infos, max_bands=1)
+    assert [g.kind for g in one if g.kind != "waveform"] == ["spectrum", "envelope"]
+
+
 # ---------------------------------------------------------------------------------------------- model
 def test_level2_token_masking_is_efficient_deterministic_and_refines_level1(small_model_factory, unit_factory):
     from explain import explain
@@ -175,6 +190,24 @@ def test_level2_token_masking_is_efficient_deterministic_and_refines_level1(smal
         assert two.top_groups(1)[0].phi == max((g for gs in two.groups.values() for g in gs),
                                                key=lambda g: abs(g.phi)).phi
     assert level2[3].groups.keys() == {"vision", "temperature"}
+
+
+def test_explain_with_given_groups_keeps_efficiency(small_model_factory, unit_factory):
+    from explain import explain
+    from explain.api import model_groups
+
+    model = small_model_factory()
+    rng = np.random.default_rng(1)
+    units = [unit_factory(i, rng) for i in range(2)]
+    model.fit_normalisation(model.batch(units))
+    n_env = sum(i.kind == "envelope" for i in model.token_info()["vibration"])
+    groups = model_groups(model, max_bands={"envelope": n_env}, max_segments=2)
+    level1 = explain(model, units, level=1)
+    for one, two in zip(level1, explain(model, units, level=2, budget=512, groups=groups), strict=True):
+        assert [g.name for g in two.groups["vibration"]] == [g.name for g in groups["vibration"]]
+        assert sum(g.kind == "envelope" for g in two.groups["vibration"]) == n_env
+        for m, gs in two.groups.items():
+            assert math.fsum(g.phi for g in gs) == pytest.approx(one.modality.phi[m], abs=1e-5)
 
 
 def test_explain_rejects_unknown_levels_maskings_and_empty_input(small_model_factory, unit_factory):

@@ -131,6 +131,25 @@ def test_signals_match_metadata(recordings: list[BearingRecording], data_root: P
         recordings[0].metadata["load"] = 0.0  # type: ignore[index]
 
 
+def test_fault_frequencies_from_the_rig_geometry_match_every_recordings_metadata(
+    recordings: list[BearingRecording],
+) -> None:
+    # the package's metadata states BPFO and BPFI per recording; ours come from the bearing's geometry alone
+    for rec in recordings:
+        ours = bearings.fault_frequencies(rec.metadata["shaft_speed"])
+        assert ours["BPFO"] == pytest.approx(rec.metadata["BPFO"], abs=0.01), rec.name
+        assert ours["BPFI"] == pytest.approx(rec.metadata["BPFI"], abs=0.01), rec.name
+        assert ours["BSF"] == pytest.approx(rec.metadata["BSF"], abs=0.1), rec.name
+
+
+def test_fault_frequencies_scale_with_shaft_rate_and_contact_angle() -> None:
+    at25, at50 = bearings.fault_frequencies(25.0), bearings.fault_frequencies(50.0)
+    assert all(at50[k] == pytest.approx(2 * at25[k]) for k in at25)
+    assert at25["BPFO"] + at25["BPFI"] == pytest.approx(8 * 25.0)  # n f (1 - r) / 2 + n f (1 + r) / 2
+    tilted = bearings.fault_frequencies(25.0, bearings.BearingGeometry(8, 0.235, 1.245, contact_angle_deg=30.0))
+    assert at25["BPFO"] < tilted["BPFO"] < 100.0 < tilted["BPFI"] < at25["BPFI"]
+
+
 def test_the_package_split_keeps_its_folders(recordings: list[BearingRecording]) -> None:
     train, test = split_recordings(recordings)
     assert len(train) == 14 and len(test) == 6
