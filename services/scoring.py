@@ -10,7 +10,7 @@ refuses an uncalibrated one. :func:`score_units` turns a micro-batch of joined u
    the model's preprocessing rejects is dead-lettered and the unit goes on without it (it is then listed as
    missing);
 2. one ``encode`` over the batch and one ``fuse`` over every coalition of every unit's present modalities
-   (:func:`explain.shapley.coalition_masks`; at most 8 rows per unit), reusing the encoder tokens;
+   (:func:`explain.shapley.coalition_masks`; 8 rows per unit), reusing the encoder tokens;
 3. the grand coalition's row of each unit is the unit's own forward pass: its defect probability is the
    decision's score (the same number as ``model(model.batch([unit])).score``), its class and per-modality
    heads give the class and modality scores; the other rows give the exact Shapley values and pairwise
@@ -38,7 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from explain.shapley import CoalitionValues, all_coalitions, attribution_from_values, stack_coalitions
+from explain.shapley import (
+    CoalitionValues,
+    all_coalitions,
+    attribution_from_values,
+    coalition_row,
+    stack_coalitions,
+)
 from inspection.errors import ConfigError, NotCalibratedError, StoreError
 from inspection.model import DEFAULT_LINE, InspectionModel, ModelConfig
 from inspection.records import MODALITIES, Decision, InputCoordinate, Unit
@@ -338,15 +344,12 @@ def _forward(serving: ServingModel, results: list[Scored],
     present_rows = batch.present.cpu().tolist()
     class_names = model.config.class_names
     decided_at = datetime.now(UTC)
-    row = 0
     for b, res in enumerate(results):
         players = tuple(m for m, on in zip(MODALITIES, present_rows[b], strict=True) if on)
-        coalitions = all_coalitions(players)
-        span = range(row, row + len(coalitions))
-        full = span[-1]  # the grand coalition is the last subset (all_coalitions: smallest first)
-        row += len(coalitions)
-        values = CoalitionValues(players, dict(zip(coalitions, (logit_list[r] for r in span), strict=True)),
-                                 dict(zip(coalitions, (prob64[r] for r in span), strict=True)))
+        rows = {c: coalition_row(b, c) for c in all_coalitions(players)}
+        full = rows[frozenset(players)]
+        values = CoalitionValues(players, {c: logit_list[r] for c, r in rows.items()},
+                                 {c: prob64[r] for c, r in rows.items()})
         attribution = attribution_from_values(res.joined.unit.unit_id, values)
         res.attribution, res.encoded, res.row = attribution, encoded, b
         score = float(probs[full])
