@@ -1,7 +1,7 @@
 """Exact modality-level Shapley values and pairwise Shapley interactions of the fused defect score.
 
 B units · M modalities (``MODALITIES`` order) · C_b coalitions of unit b (2^{n_b}, n_b ≤ 3 players) ·
-R = Σ_b C_b stacked coalition rows · N tokens · D width
+R = B · 2^M stacked coalition rows · N tokens · D width
 
 The players of a unit are the modalities it has. The value of a coalition S is the model's defect logit (and,
 reported beside it, the defect probability) with only the modalities in S visible; the empty coalition is the
@@ -243,32 +243,41 @@ def _check_present(present: object) -> None:
                          f"{getattr(present, 'dtype', type(present).__name__)} {tuple(getattr(present, 'shape', ()))}")
 
 
-def coalition_masks(present: Tensor) -> tuple[Tensor, Tensor]:
-    """Stack, unit after unit, a presence mask for every subset of each unit's present modalities.
+#: Every subset of :data:`MODALITIES`, smallest first: the coalition rows each unit gets, in this order.
+SUBSETS: tuple[frozenset[str], ...] = tuple(all_coalitions(MODALITIES))
+_SUBSET_INDEX = {c: i for i, c in enumerate(SUBSETS)}
 
-    Units with different present sets get different numbers of rows (no padding rows are evaluated). Within a
-    unit, rows follow :func:`all_coalitions` over its players in ``MODALITIES`` order.
+
+def coalition_row(unit: int, coalition: frozenset[str]) -> int:
+    """The row of ``unit``'s ``coalition`` in :func:`coalition_masks` / :func:`stack_coalitions`."""
+    return unit * len(SUBSETS) + _SUBSET_INDEX[frozenset(coalition)]
+
+
+def coalition_masks(present: Tensor) -> tuple[Tensor, Tensor]:
+    """For every unit, a presence mask per subset of :data:`MODALITIES` (:data:`SUBSETS`), restricted to the
+    modalities the unit has: ``2^M`` rows per unit, unit after unit.
+
+    The shape depends only on the batch size, so building it needs no host synchronisation and compiles to
+    static shapes. A subset that names a modality the unit lacks evaluates to the same value as its
+    restriction to the unit's modalities (the model cannot see the missing one); such rows are spare, not
+    wrong, and :func:`coalition_row` finds the row of any coalition of the unit's modalities.
 
     Args:
         present: ``[B, M]`` bool, the modalities each unit has.
 
     Returns:
-        ``masks`` ``[R, M]`` bool (each a subset of its unit's row of ``present``) and ``row_unit`` ``[R]`` long,
-        the unit of each row.
+        ``masks`` ``[B·2^M, M]`` bool (each a subset of its unit's row of ``present``) and ``row_unit``
+        ``[B·2^M]`` long, the unit of each row.
 
     Raises:
         ValueError: ``present`` is not a ``[B, M]`` bool tensor with M = ``len(MODALITIES)``.
     """
     _check_present(present)
-    rows: list[list[bool]] = []
-    owners: list[int] = []
-    for b, flags in enumerate(present.tolist()):
-        players = [m for m, on in zip(MODALITIES, flags, strict=True) if on]
-        for coalition in all_coalitions(players):
-            rows.append([m in coalition for m in MODALITIES])
-            owners.append(b)
-    masks = torch.tensor(rows, dtype=torch.bool, device=present.device).reshape(-1, len(MODALITIES))  # [R, M]
-    row_unit = torch.tensor(owners, dtype=torch.long, device=present.device)  # [R]
+    subsets = torch.tensor([[m in c for m in MODALITIES] for c in SUBSETS], dtype=torch.bool,
+                           device=present.device)  # [C, M]
+    b, c = present.shape[0], len(SUBSETS)
+    masks = (subsets.unsqueeze(0) & present.unsqueeze(1)).reshape(b * c, len(MODALITIES))  # [R, M]
+    row_unit = torch.arange(b, device=present.device).repeat_interleave(c)  # [R]
     return masks, row_unit
 
 
@@ -329,14 +338,11 @@ def coalition_values(model: InspectionModel, batch: Batch) -> list[CoalitionValu
     logit_list = logits.double().cpu().tolist()
     prob_list = torch.sigmoid(logits.double()).cpu().tolist()
     out: list[CoalitionValues] = []
-    row = 0
-    for flags in batch.present.tolist():
+    for b, flags in enumerate(batch.present.tolist()):
         players = tuple(m for m, on in zip(MODALITIES, flags, strict=True) if on)
-        coalitions = all_coalitions(players)
-        span = slice(row, row + len(coalitions))
-        out.append(CoalitionValues(players, dict(zip(coalitions, logit_list[span], strict=True)),
-                                   dict(zip(coalitions, prob_list[span], strict=True))))
-        row += len(coalitions)
+        rows = {c: coalition_row(b, c) for c in all_coalitions(players)}
+        out.append(CoalitionValues(players, {c: logit_list[r] for c, r in rows.items()},
+                                   {c: prob_list[r] for c, r in rows.items()}))
     return out
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from inspection.errors import ConfigError
+from kernels.contracts import Routing, check_expert_ffn_args, check_float_tensor, check_index_tensor
 
 SCORE_FUNCTIONS: tuple[str, ...] = ("sigmoid", "softmax")
 
@@ -90,70 +91,6 @@ class MoEConfig:
 
 
 # ----------------------------------------------------------------------------------------------- routing
-def _check_float_tensor(name: str, value: object, rank: int) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got dtype {value.dtype}")
-    if value.dim() != rank:
-        raise ValueError(f"{name} must have rank {rank}; got shape {tuple(value.shape)}")
-    return value
-
-
-def _check_index_tensor(name: str, value: object, rank: int) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
-    if value.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64; got dtype {value.dtype}")
-    if value.dim() != rank:
-        raise ValueError(f"{name} must have rank {rank}; got shape {tuple(value.shape)}")
-    return value
-
-
-@dataclass(frozen=True, eq=False)
-class Routing:
-    """Which experts each token goes to and with what weight.
-
-    Built by :func:`route`; checks ranks, dtypes and sizes when built (not the values, which would need a
-    device synchronisation). Equality is identity: tensors have no single truth value.
-
-    Attributes:
-        weights: ``[T, K]`` mixing weight of each chosen expert: the unbiased scores of the chosen experts
-            renormalised to sum to 1 per token, times ``route_scale``. float32 (float64 for float64 logits).
-        indices: ``[T, K]`` int64 chosen experts, distinct per token, in descending order of biased score.
-        scores: ``[T, E]`` router affinities before the bias, same dtype as ``weights``.
-    """
-
-    weights: Tensor
-    indices: Tensor
-    scores: Tensor
-
-    def __post_init__(self) -> None:
-        _check_float_tensor("Routing.weights", self.weights, 2)
-        _check_index_tensor("Routing.indices", self.indices, 2)
-        _check_float_tensor("Routing.scores", self.scores, 2)
-        if self.weights.shape != self.indices.shape:
-            raise ValueError(
-                f"Routing.weights and Routing.indices must both be [T, K]; got {tuple(self.weights.shape)} "
-                f"and {tuple(self.indices.shape)}"
-            )
-        if self.scores.shape[0] != self.indices.shape[0]:
-            raise ValueError(
-                f"Routing.scores must be [T, E] with T={self.indices.shape[0]} tokens like the indices; "
-                f"got {tuple(self.scores.shape)}"
-            )
-        if self.indices.shape[1] > self.scores.shape[1]:
-            raise ValueError(
-                f"Routing chooses K={self.indices.shape[1]} experts per token but scores has only "
-                f"E={self.scores.shape[1]}"
-            )
-
-    @property
-    def n_experts(self) -> int:
-        """E, the number of routed experts the scores cover."""
-        return self.scores.shape[1]
-
-
 def _select_fast(logits: Tensor, bias: Tensor, top_k: int, score: str) -> Tensor | None:
     """The chosen experts ``[T, K]`` from the Triton routing kernel on CUDA (or under ``TRITON_INTERPRET=1``),
     else None. Only the integer choice comes from the kernel; the weights are gathered in torch so gradients
@@ -197,8 +134,8 @@ def route(
         TypeError: a tensor argument is not a floating-point tensor.
         ValueError: a shape, ``top_k``, ``score`` or ``route_scale`` is out of range.
     """
-    _check_float_tensor("logits", logits, 2)
-    _check_float_tensor("bias", bias, 1)
+    check_float_tensor("logits", logits, 2)
+    check_float_tensor("bias", bias, 1)
     n_tokens, n_experts = logits.shape
     if bias.shape[0] != n_experts:
         raise ValueError(
@@ -250,7 +187,7 @@ class RoutingPlan:
 
     def __post_init__(self) -> None:
         for name in ("sorted_token", "sorted_slot", "counts", "offsets", "inverse"):
-            _check_index_tensor(f"RoutingPlan.{name}", getattr(self, name), 1)
+            check_index_tensor(f"RoutingPlan.{name}", getattr(self, name), 1)
         n_assign = self.sorted_token.shape[0]
         if self.sorted_slot.shape[0] != n_assign or self.inverse.shape[0] != n_assign:
             raise ValueError(
@@ -278,7 +215,7 @@ def plan(indices: Tensor, n_experts: int) -> RoutingPlan:
         TypeError: ``indices`` is not an int64 tensor.
         ValueError: ``indices`` is not rank 2 or holds an expert outside ``[0, n_experts)``.
     """
-    _check_index_tensor("indices", indices, 2)
+    check_index_tensor("indices", indices, 2)
     if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
         raise ValueError(f"n_experts must be an int >= 1; got {n_experts!r}")
     top_k = indices.shape[1]
@@ -303,42 +240,6 @@ def plan(indices: Tensor, n_experts: int) -> RoutingPlan:
 
 
 # --------------------------------------------------------------------------------------------- experts
-def check_expert_ffn_args(x: object, routing: object, w_gate: object, w_up: object, w_down: object) -> None:
-    """Check the arguments of an expert computation (:data:`ExpertFFN`): types, ranks and sizes.
-
-    Shared by :func:`expert_ffn_reference` and the fused kernels' launcher (:mod:`kernels.moe`).
-
-    Raises:
-        TypeError: ``routing`` is not a :class:`Routing`, or a tensor is missing or not floating point.
-        ValueError: a rank or a size does not agree.
-    """
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a fusion.moe.Routing; got {type(routing).__name__}")
-    for name, value, shape in (("x", x, "[T, D]"), ("w_gate", w_gate, "[E, D, H]"), ("w_up", w_up, "[E, D, H]"),
-                               ("w_down", w_down, "[E, H, D]")):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a {shape} torch.Tensor; got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point {shape} tensor; got dtype {value.dtype}")
-        if value.dim() != shape.count(",") + 1:
-            raise ValueError(f"{name} must be {shape}; got shape {tuple(value.shape)}")
-    n_tokens, dim = x.shape
-    n_experts, _, hidden = w_gate.shape
-    if tuple(w_gate.shape) != (n_experts, dim, hidden) or tuple(w_up.shape) != (n_experts, dim, hidden):
-        raise ValueError(
-            f"w_gate and w_up must be [E, D, H] with D={dim} (x's width); got {tuple(w_gate.shape)} and "
-            f"{tuple(w_up.shape)}"
-        )
-    if tuple(w_down.shape) != (n_experts, hidden, dim):
-        raise ValueError(f"w_down must be [E, H, D] = {(n_experts, hidden, dim)}; got {tuple(w_down.shape)}")
-    if routing.indices.shape[0] != n_tokens:
-        raise ValueError(f"routing covers {routing.indices.shape[0]} tokens but x has T={n_tokens}")
-    if routing.n_experts != n_experts:
-        raise ValueError(
-            f"routing scores cover E={routing.n_experts} experts but the weights have E={n_experts}"
-        )
-
-
 def expert_ffn_reference(
     x: Tensor, routing: Routing, w_gate: Tensor, w_up: Tensor, w_down: Tensor
 ) -> Tensor:

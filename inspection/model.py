@@ -107,6 +107,13 @@ class Batch:
     def __len__(self) -> int:
         return int(self.present.shape[0])
 
+    def select(self, rows: Sequence[int]) -> Batch:
+        """The batch of the given rows, in that order (on the same device)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        pick = lambda t: t.index_select(0, index.to(t.device))  # noqa: E731
+        return Batch({m: {k: pick(v) for k, v in d.items()} for m, d in self.inputs.items()}, pick(self.present),
+                     pick(self.line_index))
+
 
 @dataclass
 class Encoded:

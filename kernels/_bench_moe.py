@@ -151,7 +151,7 @@ def _load_liger() -> tuple[Callable | None, str | None]:
 
 
 def _inputs(n_tokens: int, dim: int, hidden: int, n_experts: int, top_k: int, seed: int = 0):
-    from fusion.moe import route
+    from kernels.contracts import Routing
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(n_tokens, dim, generator=gen, device="cuda").bfloat16()
@@ -159,7 +159,9 @@ def _inputs(n_tokens: int, dim: int, hidden: int, n_experts: int, top_k: int, se
     w_up = (torch.randn(n_experts, dim, hidden, generator=gen, device="cuda") / dim**0.5).bfloat16()
     w_down = (torch.randn(n_experts, hidden, dim, generator=gen, device="cuda") / hidden**0.5).bfloat16()
     logits = torch.randn(n_tokens, n_experts, generator=gen, device="cuda")
-    routing = route(logits, torch.zeros(n_experts, device="cuda"), top_k)
+    scores = logits.sigmoid()  # [T, E]; top-k of the scores, weights renormalised (the model's sigmoid router)
+    weights, indices = scores.topk(top_k, dim=-1)
+    routing = Routing(weights=weights / weights.sum(-1, keepdim=True), indices=indices, scores=scores)
     return x, routing, w_gate, w_up, w_down
 
 
@@ -244,7 +246,7 @@ FWD_BWD_SHAPES = ((16384, 1024, 512, 32, 2), (32768, 2048, 768, 128, 8))
 def bench_fwd_bwd(shape: tuple[int, int, int, int, int], quick: bool, liger: Callable | None) -> dict:
     """Forward + backward (gradients for x, the weights and the routing weights) of naive, grouped_mm, Liger
     and ours, each with its weights as leaves in its own layout."""
-    from fusion.moe import Routing
+    from kernels.contracts import Routing
     from kernels.moe import expert_ffn
 
     x0, routing, w_gate0, w_up0, w_down0 = _inputs(*shape, seed=1)

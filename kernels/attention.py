@@ -715,7 +715,7 @@ def _attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask:
     ``[B, H, Q]`` (see :func:`_launch_forward`)."""
     _check_attention_args(q, k, v, key_padding_mask, top_k)
     _check_kernel_inputs(q, k, v)
-    mask = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None  # [B, N]
+    mask = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None  # [B, N]
     out, lse, thr = _launch_forward(q.unsqueeze(1), k, v, mask, 1, top_k)
     return out[:, 0], lse[:, 0], thr[:, 0] if thr is not None else None
 
@@ -735,7 +735,7 @@ def _coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, masks: Tensor, to
         chunk = masks[:, first:first + _MAX_COALITIONS_PER_LAUNCH]  # [B, c, N]
         n_chunk = chunk.shape[1]
         if n_chunk == 1:
-            mask = chunk[:, 0].contiguous().view(torch.uint8)  # [B, N]
+            mask = chunk[:, 0].to(torch.uint8)  # [B, N]
         else:
             bit = torch.arange(n_chunk, dtype=torch.int32, device=masks.device)  # [c] (no host copy: graph-safe)
             weights = torch.bitwise_left_shift(torch.ones_like(bit), bit)  # [c] 2**c
@@ -787,8 +787,8 @@ def _group_coalition_forward_triton(q: Tensor, k: Tensor, v: Tensor, key_groups:
     if n == 0:
         return out.zero_()
     groups = key_groups.to(torch.int32).contiguous()  # [N]
-    member = coalitions.contiguous().view(torch.uint8)  # [B, C, G]
-    pad = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None  # [B, N]
+    member = coalitions.to(torch.uint8)  # [B, C, G]
+    pad = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None  # [B, N]
     cfg = _group_config(n_q, n, dh, n_groups)
     n_row_blocks = triton.cdiv(n_q, cfg["BLOCK_M"])
     _group_coalition_kernel[(n_row_blocks * b * h,)](
@@ -829,7 +829,7 @@ def _attention_backward_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     if mask is not None:
-        mask = mask.contiguous().view(torch.uint8)  # [B, N]
+        mask = mask.to(torch.uint8)  # [B, N]
     n_row_blocks = triton.cdiv(n_q, cfg["BLOCK_M"])
     grid = (n_row_blocks * b * h,)
     _attention_bwd_kernel[grid](

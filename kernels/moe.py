@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusion.moe import Routing, check_expert_ffn_args
+from kernels.contracts import Routing, check_expert_ffn_args
 from kernels._launch import INTERPRET_ENV, block_size, use_triton
 from kernels.routing import (
     MAX_EXPERTS,
@@ -102,7 +102,7 @@ def expert_ffn_reference(
         ``[T, D]`` weighted sum of each token's chosen experts, in ``x.dtype``.
 
     Raises:
-        TypeError: a tensor is not floating point or ``routing`` is not a :class:`fusion.moe.Routing`.
+        TypeError: a tensor is not floating point or ``routing`` is not a :class:`kernels.contracts.Routing`.
         ValueError: the shapes do not agree or an expert index is out of range.
     """
     check_expert_ffn_args(x, routing, w_gate, w_up, w_down)

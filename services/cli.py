@@ -421,6 +421,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.service_config import load_service_config
 
     config = load_service_config(args.config)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1; got {args.workers}")
+    if args.workers > 1:
+        from services.workers import run_workers
+
+        if args.verbose == 0:
+            logging.getLogger().setLevel(logging.INFO)
+        serve_args = ["--config", str(args.config.resolve())]
+        if args.bootstrap:
+            serve_args += ["--bootstrap", args.bootstrap]
+        if args.group_id:
+            serve_args += ["--group-id", args.group_id]
+        port = args.metrics_port if args.metrics_port is not None else config.metrics.port
+        return run_workers(serve_args, args.workers, args.instance_id or "serve", port, args.verbose)
     if args.group_id:
         config = dc.replace(config, kafka=dc.replace(config.kafka, group_id=args.group_id))
     if args.metrics_port is not None:
@@ -656,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--group-id", help="consumer group (overrides kafka.group_id)")
     se.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz (overrides metrics.port)")
     se.add_argument("--instance-id", help="name of this instance in logs, client ids and archive files")
+    se.add_argument("--workers", type=int, default=1,
+                    help="run N service processes in one consumer group on this host, supervised (restarted when "
+                         "they exit; SIGTERM stops all); worker i serves /metrics on metrics.port + i")
     se.set_defaults(func=cmd_serve)
 
     de = sub.add_parser("demo", help="embedded broker -> real composite units -> stream service -> decisions")

@@ -25,6 +25,7 @@ Metric names (all prefixed ``inspection_``):
                                                   (send to ack), ``report`` (explanation reports of a batch),
                                                   ``end_to_end`` (newest reading to decision ack)
 ``batch_size``                         histogram  units per forward pass
+``batch_limit``                        gauge      most units per forward pass (tuned, or ``max_batch``)
 ``queue_depth``                        gauge      units closed and not yet acknowledged
 ``pending_units``                      gauge      units waiting in the join
 ``input_paused``                       gauge      1 while input is held back (full queue or alignment buffers)
@@ -86,6 +87,8 @@ class ServiceMetrics:
         self.stage_seconds = Histogram(f"{p}stage_seconds", "Latency per pipeline stage", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{p}batch_size", "Units per forward pass", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_limit = Gauge(f"{p}batch_limit", "Most units per forward pass (batching.tune's choice, else "
+                                 "max_batch)", registry=r)
         self.queue_depth = Gauge(f"{p}queue_depth", "Units closed and not yet acknowledged", registry=r)
         self.pending_units = Gauge(f"{p}pending_units", "Units waiting in the join", registry=r)
         self.input_paused = Gauge(f"{p}input_paused", "1 while input is held back by backpressure", registry=r)

@@ -5,12 +5,13 @@ B units · M modalities · R stacked coalition rows (Σ_b 2^{n_b}) · N tokens �
 :func:`load_serving_model` loads a version from a :class:`~inspection.store.ModelStore` (hash-verified) and
 refuses an uncalibrated one. :func:`score_units` turns a micro-batch of joined units into decisions:
 
-1. each unit's readings are preprocessed (units side by side on a thread pool when one is given: the
-   spectra, envelopes and image resizes run in numpy, SciPy and OpenCV, which release the GIL); a reading
-   the model's preprocessing rejects is dead-lettered and the unit goes on without it (it is then listed as
-   missing);
+1. the readings are preprocessed together (:func:`inspection.batchprep.prepare_readings`): vibration
+   waveforms of one sample rate and length as one batch of torch ops on the model's device, images decoded
+   and resized per reading with OpenCV (side by side on a thread pool when one is given: OpenCV releases the
+   GIL); a reading the model's preprocessing rejects is dead-lettered and the unit goes on without it (it is
+   then listed as missing);
 2. one ``encode`` over the batch and one ``fuse`` over every coalition of every unit's present modalities
-   (:func:`explain.shapley.coalition_masks`; at most 8 rows per unit), reusing the encoder tokens;
+   (:func:`explain.shapley.coalition_masks`; 8 rows per unit), reusing the encoder tokens;
 3. the grand coalition's row of each unit is the unit's own forward pass: its defect probability is the
    decision's score (the same number as ``model(model.batch([unit])).score``), its class and per-modality
    heads give the class and modality scores; the other rows give the exact Shapley values and pairwise
@@ -28,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -38,9 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from explain.shapley import CoalitionValues, all_coalitions, attribution_from_values, stack_coalitions
+from explain.shapley import (
+    CoalitionValues,
+    all_coalitions,
+    attribution_from_values,
+    coalition_row,
+    stack_coalitions,
+)
+from inspection.batchprep import prepare_readings
 from inspection.errors import ConfigError, NotCalibratedError, StoreError
-from inspection.model import DEFAULT_LINE, InspectionModel, ModelConfig
+from inspection.model import DEFAULT_LINE, Batch, InspectionModel, ModelConfig
 from inspection.records import MODALITIES, Decision, InputCoordinate, Unit
 from inspection.store import ModelStore
 from services.dlq import PREPROCESS_FAILED, SCORE_FAILED, DeadLetter, dead_letter_reading
@@ -164,30 +171,6 @@ def _dead(joined: JoinedUnit, modality: str, reason: str, detail: str) -> DeadLe
                                reason=reason, detail=detail)
 
 
-def _prepare(serving: ServingModel, joined: JoinedUnit) -> tuple[dict[str, dict[str, np.ndarray]], list[DeadLetter]]:
-    """Preprocess each model modality of a unit; readings the preprocessing rejects become dead letters."""
-    prepared: dict[str, dict[str, np.ndarray]] = {}
-    dead: list[DeadLetter] = []
-    for m in serving.modalities:
-        reading = getattr(joined.unit, m)
-        if reading is None:
-            continue
-        try:
-            prepared[m] = serving.model.encoders[m].prepare(reading)
-        except Exception as exc:  # noqa: BLE001 - any failure of one reading must not stop the others
-            dead.append(_dead(joined, m, PREPROCESS_FAILED, f"{type(exc).__name__}: {exc}"))
-    return prepared, dead
-
-
-def _majority_shapes(prepared: Sequence[dict[str, dict[str, np.ndarray]]]) -> dict[tuple[str, str], tuple]:
-    counts: dict[tuple[str, str], Counter] = {}
-    for p in prepared:
-        for m, arrays in p.items():
-            for name, arr in arrays.items():
-                counts.setdefault((m, name), Counter())[np.shape(arr)] += 1
-    return {k: c.most_common(1)[0][0] for k, c in counts.items()}
-
-
 def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *,
                 clock=time.monotonic, executor: Executor | None = None) -> BatchResult:
     """Score a micro-batch of joined units (see the module docstring).
@@ -196,8 +179,9 @@ def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *,
         serving: the model.
         units: joined units, any mix of present modalities.
         clock: monotonic clock for the timings.
-        executor: preprocess the units on it, side by side (e.g. a ``ThreadPoolExecutor``); None preprocesses
-            them one by one in the calling thread. The results are the same either way.
+        executor: run the per-reading part of the preprocessing (image decode and resize) on it, side by side
+            (e.g. a ``ThreadPoolExecutor``); None runs it in the calling thread. The results are the same
+            either way.
 
     Returns:
         One :class:`Scored` per unit, in order; ``seconds`` the whole call, ``prepare_seconds`` its
@@ -205,56 +189,45 @@ def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *,
     """
     t0 = clock()
     results = [Scored(j) for j in units]
-    if executor is not None and len(results) > 1:
-        outcomes = list(executor.map(lambda res: _prepare(serving, res.joined), results))
-    else:
-        outcomes = [_prepare(serving, res.joined) for res in results]
-    prepared: list[dict[str, dict[str, np.ndarray]]] = []
-    for res, (p, dead) in zip(results, outcomes, strict=True):
-        res.dead.extend(dead)
-        prepared.append(p)
+    readings = [{m: getattr(res.joined.unit, m) for m in serving.modalities} for res in results]
+    prepared = prepare_readings(serving.model, readings, serving.device,
+                                map_fn=executor.map if executor is not None and len(results) > 1 else None)
+    for b, m, detail in prepared.failures:
+        results[b].dead.append(_dead(results[b].joined, m, PREPROCESS_FAILED, detail))
     prepare_seconds = clock() - t0
-    # a reading whose preprocessed shape differs from the batch's majority cannot be stacked with the others
-    shapes = _majority_shapes(prepared)
-    for res, p in zip(results, prepared, strict=True):
-        for m in list(p):
-            bad = [(name, np.shape(a)) for name, a in p[m].items() if np.shape(a) != shapes[(m, name)]]
-            if bad:
-                name, shape = bad[0]
-                expected = shapes[(m, name)]
-                res.dead.append(_dead(res.joined, m, PREPROCESS_FAILED,
-                                      f"preprocessed {m} input {name!r} has shape {shape}; the model takes {expected}"))
-                del p[m]
-    live = [i for i, p in enumerate(prepared) if p]
+    live = prepared.present.any(dim=1).nonzero().flatten().tolist()
     for i, res in enumerate(results):
-        if not prepared[i] and not res.dead:  # nothing the model reads: every reading of the unit is dead
+        if i not in live and not res.dead:  # nothing the model reads: every reading of the unit is dead
             for m in res.joined.unit.present:
                 res.dead.append(_dead(res.joined, m, SCORE_FAILED,
                                       f"unit has none of the modalities the model reads ({serving.modalities})"))
     out = BatchResult(results)
     if live:
+        model = serving.model
+        lines = torch.tensor([model.line_slot(res.joined.unit.line_id) for res in results], dtype=torch.long)
+        batch = Batch(prepared.inputs, prepared.present, lines).to(serving.device)
         try:
-            out.router_stats = _forward(serving, [results[i] for i in live], [prepared[i] for i in live])
+            out.router_stats = _forward(serving, [results[i] for i in live], batch.select(live))
             out.forward_units = len(live)
         except Exception as exc:  # noqa: BLE001 - isolate the unit the model cannot take
             log.warning("batched forward of %d units failed (%s: %s); scoring them one by one",
                         len(live), type(exc).__name__, exc)
             for i in live:
                 try:
-                    out.router_stats = _forward(serving, [results[i]], [prepared[i]])
+                    out.router_stats = _forward(serving, [results[i]], batch.select([i]))
                     out.forward_units += 1
                 except Exception as one:  # noqa: BLE001
                     res = results[i]
-                    for m in prepared[i]:
+                    for m in (m for m, on in zip(MODALITIES, prepared.present[i].tolist(), strict=True) if on):
                         res.dead.append(_dead(res.joined, m, SCORE_FAILED, f"{type(one).__name__}: {one}"))
     out.seconds = clock() - t0
     out.prepare_seconds = prepare_seconds
     return out
 
 
-def _synthetic_prepared(model: InspectionModel, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """One unit's preprocessed inputs for every modality the model reads, from random readings of the shapes and
-    rates its preprocessing takes (noise: no reading of a real unit is needed)."""
+def _synthetic_readings(model: InspectionModel, seed: int = 0) -> dict[str, _Synthetic]:
+    """One unit's readings for every modality the model reads, random, of the shapes and rates its
+    preprocessing takes (noise: no reading of a real unit is needed)."""
     from inspection.preprocess import (
         WAVEFORM_MIN_RATE_HZ,
         SeriesPreprocess,
@@ -263,20 +236,18 @@ def _synthetic_prepared(model: InspectionModel, seed: int = 0) -> dict[str, dict
     )
 
     rng = np.random.default_rng(seed)
-    out: dict[str, dict[str, np.ndarray]] = {}
+    out: dict[str, _Synthetic] = {}
     for m in model.config.modalities:
-        encoder = model.encoders[m]
-        pre = encoder.config.preprocess
+        pre = model.encoders[m].config.preprocess
         if isinstance(pre, VisionPreprocess):
             side = pre.image_size
-            out[m] = encoder.prepare(_Synthetic(image=rng.integers(0, 256, (side, side), dtype=np.uint8)))
+            out[m] = _Synthetic(image=rng.integers(0, 256, (side, side), dtype=np.uint8))
         elif isinstance(pre, WaveformPreprocess):
             rate = max(WAVEFORM_MIN_RATE_HZ, 2.5 * pre.f_max_hz, pre.wave_rate_hz)
             n = max(256, int(np.ceil(rate * pre.wave_len / pre.wave_rate_hz)) + 1)
-            out[m] = encoder.prepare(_Synthetic(values=rng.standard_normal((pre.channels, n)), sample_rate_hz=rate))
+            out[m] = _Synthetic(values=rng.standard_normal((pre.channels, n)), sample_rate_hz=rate)
         elif isinstance(pre, SeriesPreprocess):
-            out[m] = encoder.prepare(_Synthetic(values=rng.standard_normal((pre.channels, pre.samples)),
-                                                sample_rate_hz=1.0))
+            out[m] = _Synthetic(values=rng.standard_normal((pre.channels, pre.samples)), sample_rate_hz=1.0)
         else:
             raise ConfigError(f"cannot make a warm-up input for the {m} encoder's {type(pre).__name__}")
     return out
@@ -309,9 +280,13 @@ def warm_up(serving: ServingModel, batch_sizes: Sequence[int] = (32, 1)) -> floa
     """
     t0 = time.monotonic()
     model = serving.model
-    example = _synthetic_prepared(model)
+    example = _synthetic_readings(model)
     for n in batch_sizes:
-        batch = model.collate([example] * n, [DEFAULT_LINE] * n).to(serving.device)
+        prepared = prepare_readings(model, [example] * n, serving.device)
+        if prepared.failures:
+            raise ConfigError(f"the warm-up input does not fit the model: {prepared.failures[0][2]}")
+        lines = torch.full((n,), model.line_slot(DEFAULT_LINE), dtype=torch.long)
+        batch = Batch(prepared.inputs, prepared.present, lines).to(serving.device)
         stacked, masks = stack_coalitions(model.encode(batch))
         model.fuse(stacked, masks)
     if serving.device.type == "cuda":
@@ -320,11 +295,47 @@ def warm_up(serving: ServingModel, batch_sizes: Sequence[int] = (32, 1)) -> floa
 
 
 @torch.inference_mode()
-def _forward(serving: ServingModel, results: list[Scored],
-             prepared: list[dict[str, dict[str, np.ndarray]]]) -> list[Any]:
-    """One encode and one stacked fuse for the given units; fills their decisions. Returns router stats."""
+def tune_batch_size(serving: ServingModel, max_batch: int, *, repeats: int = 3, share: float = 0.95,
+                    clock=time.perf_counter) -> tuple[int, dict[int, float]]:
+    """Measure the scoring path (batched preprocessing, encode, every coalition) on synthetic units at batch
+    sizes 1, 2, 4, ... up to ``max_batch`` and return the smallest size within ``share`` of the best
+    throughput, with the units/s of every size measured. A larger ``max_batch`` then never makes the service
+    slower than a smaller one would: past the device's saturation point the chosen size stops growing.
+
+    Raises:
+        ConfigError: ``max_batch`` < 1, or an encoder whose preprocessing has no synthetic input.
+    """
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be >= 1; got {max_batch}")
     model = serving.model
-    batch = model.collate(prepared, [r.joined.unit.line_id for r in results]).to(serving.device)
+    example = _synthetic_readings(model)
+    sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+    rates: dict[int, float] = {}
+    for n in sizes:
+        lines = torch.full((n,), model.line_slot(DEFAULT_LINE), dtype=torch.long)
+
+        def once(n=n, lines=lines) -> None:
+            prepared = prepare_readings(model, [example] * n, serving.device)
+            batch = Batch(prepared.inputs, prepared.present, lines).to(serving.device)
+            stacked, masks = stack_coalitions(model.encode(batch))
+            model.fuse(stacked, masks).defect_logit.float().cpu()  # the decisions' one device-to-host copy
+
+        once()
+        times = []
+        for _ in range(repeats):
+            t0 = clock()
+            once()
+            times.append(clock() - t0)
+        rates[n] = n / sorted(times)[len(times) // 2]
+    best = max(rates.values())
+    return min(n for n, r in rates.items() if r >= share * best), rates
+
+
+@torch.inference_mode()
+def _forward(serving: ServingModel, results: list[Scored], batch: Batch) -> list[Any]:
+    """One encode and one stacked fuse for the given units' batch rows; fills their decisions. Returns router
+    stats."""
+    model = serving.model
     thresholds = model.threshold_for(batch.line_index).float().cpu().tolist()  # [B]
     encoded = model.encode(batch)  # tokens [B, N, D]
     stacked, masks = stack_coalitions(encoded)  # [R, N, D], [R, M]
@@ -338,15 +349,12 @@ def _forward(serving: ServingModel, results: list[Scored],
     present_rows = batch.present.cpu().tolist()
     class_names = model.config.class_names
     decided_at = datetime.now(UTC)
-    row = 0
     for b, res in enumerate(results):
         players = tuple(m for m, on in zip(MODALITIES, present_rows[b], strict=True) if on)
-        coalitions = all_coalitions(players)
-        span = range(row, row + len(coalitions))
-        full = span[-1]  # the grand coalition is the last subset (all_coalitions: smallest first)
-        row += len(coalitions)
-        values = CoalitionValues(players, dict(zip(coalitions, (logit_list[r] for r in span), strict=True)),
-                                 dict(zip(coalitions, (prob64[r] for r in span), strict=True)))
+        rows = {c: coalition_row(b, c) for c in all_coalitions(players)}
+        full = rows[frozenset(players)]
+        values = CoalitionValues(players, {c: logit_list[r] for c, r in rows.items()},
+                                 {c: prob64[r] for c, r in rows.items()})
         attribution = attribution_from_values(res.joined.unit.unit_id, values)
         res.attribution, res.encoded, res.row = attribution, encoded, b
         score = float(probs[full])

@@ -76,6 +76,7 @@ from services.scoring import (
     load_serving_model,
     resolve_device,
     score_units,
+    tune_batch_size,
     warm_up,
     with_latency,
 )
@@ -295,6 +296,7 @@ class StreamService:
         self._ops: OpsServer | None = None
         self._archive = None
         self._scorer: threading.Thread | None = None
+        self._batch_limit = config.batching.max_batch
         self._prepare_pool: ThreadPoolExecutor | None = None
         self._drift = DriftMonitor(config.drift.window, config.drift.alpha) if config.drift.enabled else None
         self._next_reload = 0.0
@@ -413,9 +415,19 @@ class StreamService:
                 raise ConfigError(f"reports.budget is {self._reporter.budget}, but level-2 explanations of model "
                                   f"{serving.version} need at least {least} model evaluations per unit")
         warm = self.config.model.warm_up
-        if warm or (warm is None and self._device.type == "cuda"):
+        warmed = bool(warm or (warm is None and self._device.type == "cuda"))
+        if warmed:
             seconds = warm_up(serving, sorted({self.config.batching.max_batch, 1}, reverse=True))
             log.info("model %s warmed up on %s in %.1f s", serving.version, self._device, seconds)
+        batching = self.config.batching
+        if batching.tune or (batching.tune is None and warmed):
+            size, rates = tune_batch_size(serving, batching.max_batch)
+            log.info("model %s: batches of at most %d units (units/s by batch size: %s)", serving.version, size,
+                     ", ".join(f"{n}: {r:.0f}" for n, r in rates.items()))
+        else:
+            size = batching.max_batch
+        self._batch_limit = size
+        self.metrics.batch_limit.set(size)
         self.metrics.set_model(serving.version, serving.threshold_version)
         self.stats.model_versions.append(serving.version)
         return serving
@@ -497,8 +509,9 @@ class StreamService:
             if self._paused_since is None:
                 # each released reading closes at most one unit: never release more than the queue has room for
                 room = max(1, cfg.batching.max_queue - self.queue_depth())
-                for record in self._aligner.release(self._join_now(), self._owned, limit=room):
-                    self._handle_record(record)
+                released = list(self._aligner.release(self._join_now(), self._owned, limit=room))
+                for record, decoded in zip(released, self._decode_records(released), strict=True):
+                    self._handle_record(record, decoded)
                 for joined in self._joiner.poll(self._join_now()):
                     self._enqueue(joined)
             self._drain_events()
@@ -705,25 +718,38 @@ class StreamService:
         return rewound
 
     # ------------------------------------------------------------------------------------------ records
-    def _handle_record(self, record: Any) -> None:
+    def _decode_one(self, record: Any) -> tuple[Any, tuple[str, str] | None, float]:
+        """(reading, None, seconds) or (None, (reason, detail), seconds); markers of skipped batches pass."""
+        if isinstance(record, UndecodableBatch):
+            return None, None, 0.0
+        t0 = time.perf_counter()
+        try:
+            reading = decode_reading(record.value, record.headers, key=record.key, require_key=True,
+                                     expected_modality=self.topics.modality_of(record.topic), limits=self._limits)
+        except RecordError as exc:
+            return None, (exc.reason.value, exc.detail), time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - malformed input must never stop the service
+            return None, (dlqmod.DECODE_FAILED, f"{type(exc).__name__}: {exc}"), time.perf_counter() - t0
+        return reading, None, time.perf_counter() - t0
+
+    def _decode_records(self, records: list[Any]) -> list[tuple[Any, tuple[str, str] | None, float]]:
+        """Decode released records, side by side on the preparation pool when there is one (image decoding
+        and decompression release the GIL); the results come back in record order."""
+        if self._prepare_pool is not None and len(records) > 1:
+            return list(self._prepare_pool.map(self._decode_one, records))
+        return [self._decode_one(r) for r in records]
+
+    def _handle_record(self, record: Any, decoded: tuple[Any, tuple[str, str] | None, float]) -> None:
         if isinstance(record, UndecodableBatch):
             self._settle_skipped(record)
             return
         coordinate = InputCoordinate(record.topic, record.partition, record.offset)
         self._tracker.processed(record.topic, record.partition, record.offset)
-        modality = self.topics.modality_of(record.topic)
-        t0 = time.perf_counter()
-        try:
-            reading = decode_reading(record.value, record.headers, key=record.key, require_key=True,
-                                     expected_modality=modality, limits=self._limits)
-        except RecordError as exc:
-            self._dead_letter_record(record, coordinate, "deserialize", exc.reason.value, exc.detail)
+        reading, problem, seconds = decoded
+        if problem is not None:
+            self._dead_letter_record(record, coordinate, "deserialize", *problem)
             return
-        except Exception as exc:  # noqa: BLE001 - malformed input must never stop the service
-            self._dead_letter_record(record, coordinate, "deserialize", dlqmod.DECODE_FAILED,
-                                     f"{type(exc).__name__}: {exc}")
-            return
-        self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t0)
+        self.metrics.stage_seconds.labels("decode").observe(seconds)
         bound = self._outside_time_bounds(reading)
         if bound is not None:
             self.stats.out_of_bounds += 1
@@ -915,10 +941,10 @@ class StreamService:
     # ------------------------------------------------------------------------------------------- scorer
     def _score_loop(self) -> None:
         cfg = self.config
-        max_batch = cfg.batching.max_batch
         max_delay = cfg.batching.max_delay_ms / 1000.0
         while True:
             batch: list[WorkItem] = []
+            max_batch = self._batch_limit  # tuned per loaded model
             with self._cv:
                 if self._queue:
                     wait = self._queue[0].closed_at + max_delay - time.monotonic()

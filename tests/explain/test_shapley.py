@@ -17,6 +17,7 @@ from explain.shapley import (
     ModalityAttribution,
     all_coalitions,
     coalition_masks,
+    coalition_row,
     coalition_values,
     explain_modalities,
     explain_units,
@@ -148,12 +149,15 @@ def test_value_tables_are_validated():
 def test_coalition_masks_stack_only_each_units_subsets():
     present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 0]], dtype=torch.bool)
     masks, row_unit = coalition_masks(present)
-    assert masks.shape == (8 + 4 + 2, 3) and row_unit.shape == (14,)  # [R, M], [R]
-    assert row_unit.tolist() == [0] * 8 + [1] * 4 + [2] * 2
+    assert masks.shape == (3 * 8, 3) and row_unit.shape == (24,)  # [R, M], [R]: 2^M rows per unit
+    assert row_unit.tolist() == [0] * 8 + [1] * 8 + [2] * 8
     assert not (masks & ~present[row_unit]).any()  # every row is a subset of its unit's modalities
     for b in range(3):
         rows = {tuple(r) for r in masks[row_unit == b].tolist()}
-        assert len(rows) == 2 ** int(present[b].sum())  # all distinct subsets
+        assert len(rows) == 2 ** int(present[b].sum())  # every subset of the unit's modalities, spares repeat
+        players = [m for m, on in zip(MODALITIES, present[b].tolist(), strict=True) if on]
+        for coalition in all_coalitions(players):
+            assert masks[coalition_row(b, coalition)].tolist() == [m in coalition for m in MODALITIES]
     with pytest.raises(ValueError, match="bool tensor"):
         coalition_masks(torch.ones(2, 2, dtype=torch.bool))
 

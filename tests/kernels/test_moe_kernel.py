@@ -267,7 +267,7 @@ def _bad_routing(indices: torch.Tensor, n_experts: int = 4, weights_dtype: torch
     ("mutate", "error", "match"),
     [
         (lambda x, r, g, u, d: (x.long(), r, g, u, d), TypeError, r"x must be a floating-point \[T, D\] tensor"),
-        (lambda x, r, g, u, d: (x, r.indices, g, u, d), TypeError, r"routing must be a fusion.moe.Routing"),
+        (lambda x, r, g, u, d: (x, r.indices, g, u, d), TypeError, r"routing must be a Routing"),
         (lambda x, r, g, u, d: (x[0], r, g, u, d), ValueError, r"x must be \[T, D\]; got shape \(16,\)"),
         (lambda x, r, g, u, d: (x, r, g[:, :8], u, d), ValueError, r"w_gate and w_up must be \[E, D, H\] with D=16"),
         (lambda x, r, g, u, d: (x, r, g, u, d.transpose(1, 2)), ValueError, r"w_down must be \[E, H, D\]"),

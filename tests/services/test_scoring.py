@@ -58,3 +58,50 @@ def test_warm_up_runs_every_modality_and_changes_no_score(serving, composite_uni
     assert seconds > 0.0
     after = score_units(serving, joined)
     assert _outcome(after) == _outcome(before)
+
+
+def test_stream_scores_match_the_per_unit_reference_path(serving, composite_units):
+    # the stream prepares vibration in batched float32 torch ops; the reference is the per-unit numpy path
+    # (inspection.preprocess) that training uses. Same modalities, same ids, scores within 1e-4 (float32
+    # spectra differ from the float64 reference by <= ~3e-5 in log units; see tests/inspection/test_batchprep.py)
+    units = composite_units[40:72]
+    result = score_units(serving, _joined(units))
+    model = serving.model
+    with torch.no_grad():
+        reference = model(model.batch(units)).score.double().tolist()
+    for scored, unit, want in zip(result.scored, units, reference, strict=True):
+        assert scored.decision.unit_id == unit.unit_id
+        assert scored.decision.present == unit.present
+        assert scored.decision.score == pytest.approx(want, abs=1e-4)
+        assert scored.decision.decision == ("defect" if want >= scored.decision.threshold else "ok") or \
+            abs(want - scored.decision.threshold) < 1e-4
+
+
+def test_a_bad_waveform_is_dead_lettered_and_its_unit_decided_without_it(serving, composite_units):
+    import dataclasses
+
+    units = composite_units[72:76]
+    vib = units[1].vibration
+    units[1] = dataclasses.replace(units[1], vibration=dataclasses.replace(vib, values=vib.values[:, :100]))
+    slow = units[2].vibration
+    units[2] = dataclasses.replace(units[2], vibration=dataclasses.replace(slow, sample_rate_hz=10.0))
+    result = score_units(serving, _joined(units))
+    reasons = [[(d.reason, d.detail) for d in s.dead] for s in result.scored]
+    assert reasons[0] == [] and reasons[3] == []
+    assert "needs >= 256 samples" in reasons[1][0][1]
+    assert "sampled at >= 1000 Hz" in reasons[2][0][1]
+    for i in (1, 2):
+        assert result.scored[i].decision.present == ("vision", "temperature")
+        assert "vibration" in result.scored[i].decision.missing
+
+
+def test_batch_tuning_measures_every_size_and_picks_the_smallest_near_the_best(serving):
+    from services.scoring import tune_batch_size
+
+    size, rates = tune_batch_size(serving, 12, repeats=1)
+    assert sorted(rates) == [1, 2, 4, 8, 12]  # powers of two, and max_batch itself
+    assert all(r > 0 for r in rates.values())
+    best = max(rates.values())
+    assert rates[size] >= 0.95 * best
+    assert all(rates[n] < 0.95 * best for n in rates if n < size)
+    assert tune_batch_size(serving, 1, repeats=1)[0] == 1
