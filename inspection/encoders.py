@@ -207,6 +207,8 @@ class VisionEncoder(Encoder):
 
     def forward_features(self, inputs: Mapping[str, Tensor]) -> Tensor:
         x = inputs["image"]  # [B, 3, size, size]
+        if x.is_cuda:  # channels-last on the GPU (the serving path converts the backbone's weights to match)
+            x = x.contiguous(memory_format=torch.channels_last)
         fmap = self.proj(self.backbone.forward_features(x))  # [B, D, h, w]
         return fmap.flatten(2).transpose(1, 2) + self.pos  # [B, N, D]
 

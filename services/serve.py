@@ -402,7 +402,7 @@ class StreamService:
                  self._serving.version, self._device, list(cfg.join.expected))
 
     def _load_model(self, version: str | None) -> ServingModel:
-        serving = load_serving_model(self._store, version, self._device)
+        serving = load_serving_model(self._store, version, self._device, self.config.model.precision)
         lacking = [m for m in self.config.join.expected if m not in serving.modalities]
         if lacking:
             raise ConfigError(f"join.expected names {lacking}, which model {serving.version} does not read "
@@ -1028,7 +1028,8 @@ class StreamService:
         pairs = [(self._scored_unit(item, s.decision), s.decision) for item, s in chosen]
         t0 = time.monotonic()
         try:
-            links = self._reporter.write(serving.model, pairs, [s for _, s in chosen])
+            with serving.autocast():  # the encoder tokens came from the scoring forward's precision
+                links = self._reporter.write(serving.model, pairs, [s for _, s in chosen])
         except Exception as exc:  # noqa: BLE001 - a report must never cost a decision
             self.metrics.reports.labels("failed").inc(len(pairs))
             log.error("explanation reports of %d decisions failed (%s: %s); they are sent without a link",

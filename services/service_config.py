@@ -97,6 +97,10 @@ class TopicsSection:
                                                               "dlq")}, **explicit})
 
 
+#: ``model.precision`` values (see :data:`services.scoring.PRECISIONS`).
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """Which model scores, where, and how it is kept up to date.
@@ -111,6 +115,7 @@ class ModelSection:
             ``min(8, CPU cores)``, 1 preprocesses them one by one in the scoring thread.
         warm_up: run the scoring forward on synthetic units before a model takes traffic (readiness waits for
             it), so GPU kernel compilation is not paid by the first units; ``None`` does it on CUDA only.
+        precision: ``auto`` (bf16 autocast on CUDA, float32 on CPU), ``fp32`` or ``bf16`` (autocast on either).
     """
 
     store: str = ""
@@ -120,6 +125,7 @@ class ModelSection:
     threads: int | None = None
     prepare_workers: int = 0
     warm_up: bool | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, str) or not self.store.strip():
@@ -131,6 +137,7 @@ class ModelSection:
         _number(self.prepare_workers, "model.prepare_workers", low=0, high=256, integer=True)
         if self.warm_up is not None and not isinstance(self.warm_up, bool):
             raise ConfigError(f"model.warm_up must be true, false or null (CUDA only); got {self.warm_up!r}")
+        _choice(self.precision, "model.precision", PRECISIONS)
 
     def resolved_prepare_workers(self) -> int:
         """Threads that preprocess a batch: ``prepare_workers``, or ``min(8, CPU cores)`` for 0."""

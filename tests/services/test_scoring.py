@@ -105,3 +105,19 @@ def test_batch_tuning_measures_every_size_and_picks_the_smallest_near_the_best(s
     assert rates[size] >= 0.95 * best
     assert all(rates[n] < 0.95 * best for n in rates if n < size)
     assert tune_batch_size(serving, 1, repeats=1)[0] == 1
+
+
+def test_bf16_autocast_scores_close_to_fp32_with_the_same_decisions_in_kind(serving_store, composite_units):
+    # on CUDA the service scores under bf16 autocast by default; CPU autocast runs the same code path here
+    fp32 = load_serving_model(ModelStore(serving_store), None, torch.device("cpu"), "fp32")
+    bf16 = load_serving_model(ModelStore(serving_store), None, torch.device("cpu"), "bf16")
+    assert load_serving_model(ModelStore(serving_store), None, torch.device("cpu"), "auto").precision == "fp32"
+    joined = _joined(composite_units[80:96])
+    a, b = score_units(fp32, joined), score_units(bf16, joined)
+    for x, y in zip(a.scored, b.scored, strict=True):
+        assert x.decision.id == y.decision.id  # the id names the unit, its inputs and the model, not the score
+        assert x.decision.present == y.decision.present
+        assert y.decision.score == pytest.approx(x.decision.score, abs=0.03)  # bf16 keeps 8 bits of mantissa
+        assert set(y.decision.attributions["modality"]) == set(x.decision.attributions["modality"])
+    with pytest.raises(Exception, match="precision must be"):
+        load_serving_model(ModelStore(serving_store), None, torch.device("cpu"), "fp8")
