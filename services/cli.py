@@ -19,6 +19,7 @@ error the message explains, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -579,6 +580,72 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from inspection.store import ModelStore
+    from services.rescore import rescore_local
+    from services.scoring import load_serving_model, resolve_device
+
+    serving = load_serving_model(ModelStore(args.store, create=False), args.model, resolve_device(args.device),
+                                 args.precision)
+    expected = tuple(args.expected.split(",")) if args.expected else MODALITIES
+    unknown = sorted(set(expected) - set(MODALITIES))
+    if unknown:
+        raise ConfigError(f"--expected names unknown modalities {unknown}; known: {list(MODALITIES)}")
+    if args.compare and args.decisions:
+        raise ConfigError("give --compare VERSION or --decisions PATH, not both")
+    store = ModelStore(args.store, create=False)
+    if args.compare:
+        store.get(args.compare)  # an unknown version is an error before anything is scored
+    reporter = None
+    if args.explain == 2:
+        from explain.api import minimum_budget
+        from services.reports import StreamReporter
+
+        if args.budget < minimum_budget(serving.model):
+            raise ConfigError(f"--budget {args.budget} is below what level-2 explanations of model {serving.version} "
+                              f"need: {minimum_budget(serving.model)} model evaluations per unit")
+        reporter = StreamReporter(args.out / "reports", units=args.explain_units, level=2, budget=args.budget,
+                                  seed=0)
+    result = rescore_local(args.history, serving, args.out, batch_size=args.batch_size, expected=expected,
+                           progress=not args.no_progress, reporter=reporter)
+    summary = result.to_dict()
+    summary.pop("rejected")
+    summary.pop("rejected_reading_list")
+    if args.compare or args.decisions:
+        from services.changes import compare, write_change_report
+        from services.rescore import history_files, read_decisions, recorded_decisions
+
+        if args.compare:
+            other = load_serving_model(store, args.compare, resolve_device(args.device), args.precision)
+            rescore_local(args.history, other, args.out, batch_size=args.batch_size, expected=expected,
+                          progress=not args.no_progress)
+            old = read_decisions(args.out, model_version=other.version)
+        else:
+            old = recorded_decisions(args.decisions)
+        from inspection.data.history import history_labels
+
+        labels: dict[str, bool] = {}
+        for f in history_files(args.history):
+            with contextlib.suppress(InspectionError):  # an unreadable file is already listed in run.json
+                labels.update(history_labels(f))
+        report = compare(read_decisions(args.out, model_version=serving.version), old, labels=labels,
+                         reports=args.reports or (args.out / "reports" if args.explain == 2 else None))
+        json_path, html_path = write_change_report(report, args.out)
+        summary["changes"] = {"flips": report["flips"], "units_compared": report["units_compared"],
+                              "json": str(json_path), "html": str(html_path)}
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from services.rescore import audit
+
+    result = audit(args.decision_id, args.history, args.store, args.decisions, device=args.device,
+                   tolerance=args.tolerance)
+    print(json.dumps(result.to_dict(), indent=1))
+    return 0 if result.matches else 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from explain.report import read_reports, report_files, write_index
 
@@ -767,6 +834,53 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--period", choices=["day", "hour"], default="day", help="time buckets of the global view")
     ex.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     ex.set_defaults(func=cmd_explain)
+
+    rs = sub.add_parser("rescore", help="re-score Parquet history with a model version (decisions as Parquet "
+                        "partitioned by line and day)",
+                        description="Reads history written by the stream's archive sink or `produce --archive`, "
+                                    "scores it with the stream's own scoring code, and writes "
+                                    "OUT/decisions/model_version=V/line_id=L/day=D/ partitions and OUT/run.json. "
+                                    "Partitions already written for the model version are skipped (resume).",
+                        epilog="example: inspection rescore --history 'archive/*.parquet' --store models/composite "
+                               "--out rescore/")
+    rs.add_argument("--history", nargs="+", required=True, help="history files, folders or globs")
+    rs.add_argument("--store", required=True, help="the model store, e.g. models/composite")
+    rs.add_argument("--model", help="the version to score with (default: the promoted one)")
+    rs.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    rs.add_argument("--batch-size", type=int, default=64, help="units per scoring forward")
+    rs.add_argument("--expected", help="comma-separated modalities a unit should have (default all three); the "
+                                       "absent ones are listed as missing, as the stream's join.expected does")
+    rs.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    rs.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 autocast on CUDA, float32 on CPU (as the stream)")
+    rs.add_argument("--compare", metavar="VERSION", help="also re-score with this version and write the change "
+                    "report (changes.json, changes.html: flips per line and day, score shift, reliability)")
+    rs.add_argument("--decisions", type=Path, help="write the change report against these recorded decisions "
+                    "instead (a rescore output folder, or decision CloudEvents one JSON per line)")
+    rs.add_argument("--explain", type=int, choices=[1, 2], default=1,
+                    help="1: every decision carries the modality Shapley values and interactions (as in the "
+                         "stream); 2: also a level-2 report per selected decision in OUT/reports, linked from it")
+    rs.add_argument("--explain-units", choices=["defects", "all"], default="defects",
+                    help="which decisions get a level-2 report")
+    rs.add_argument("--budget", type=int, default=256, help="level-2 model evaluations per unit")
+    rs.add_argument("--reports", type=Path, help="explanation report folder the change report links flipped units to "
+                                                 "(default with --explain 2: OUT/reports)")
+    rs.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    rs.set_defaults(func=cmd_rescore)
+
+    au = sub.add_parser("audit", help="reproduce one decision from history and the model store (exit 0: it "
+                                      "matches, 1: it does not)",
+                        epilog="example: inspection audit 3f2a... --history archive/ --store models/composite "
+                               "--decisions rescore/")
+    au.add_argument("decision_id")
+    au.add_argument("--history", nargs="+", required=True, help="history files, folders or globs")
+    au.add_argument("--store", required=True, help="the model store holding the decision's model version")
+    au.add_argument("--decisions", type=Path, required=True,
+                    help="where the recorded decision is: a rescore output folder, or a file of decision "
+                         "CloudEvents, one JSON per line (e.g. the decisions topic read with `inspection consume`)")
+    au.add_argument("--tolerance", type=float, default=1e-5, help="largest score difference that still matches")
+    au.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    au.set_defaults(func=cmd_audit)
 
     rp = sub.add_parser("report", help="index page and global view (level 3) over report JSON files")
     rp.add_argument("--from", dest="source", type=Path, required=True, help="a report folder or one report file")

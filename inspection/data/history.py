@@ -16,15 +16,17 @@ Schema (one struct column per modality, null when absent)::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from inspection.codec import CodecLimits, decode_reading, encode_reading
-from inspection.errors import DataError, RecordError
+from inspection.codec import CodecLimits, decode_reading, encode_reading, parse_time
+from inspection.errors import DataError, Reason, RecordError
 from inspection.records import MODALITIES, InputCoordinate, Label, Unit
 
 SCHEMA_VERSION = "1"
@@ -170,3 +172,59 @@ def read_history(path: Path | str, *, limits: CodecLimits | None = None, batch_s
 def count_history(path: Path | str) -> int:
     """Number of units in a history file, from its footer."""
     return _open(Path(path)).metadata.num_rows
+
+
+def iter_history_rows(path: Path | str, *, limits: CodecLimits | None = None,
+                      batch_size: int = 256) -> Iterator[tuple[int, str | None, ArchivedUnit | RecordError]]:
+    """Every row of a history file, a bad one included: ``(row number, unit id, unit or error)``.
+
+    Unlike :func:`read_history`, a row that fails validation does not end the file: its
+    :class:`~inspection.errors.RecordError` is yielded in its place (re-scoring counts and reports it).
+
+    Raises:
+        DataError: the file is missing, not Parquet, or not a history file.
+    """
+    path = Path(path)
+    pf = _open(path)
+    limits = limits or CodecLimits()
+    row_no = 0
+    for batch in pf.iter_batches(batch_size=batch_size):
+        for row in batch.to_pylist():
+            try:
+                yield row_no, row.get("unit_id"), _unit_from_row(row, limits)
+            except RecordError as exc:
+                yield row_no, row.get("unit_id"), exc
+            except (KeyError, TypeError, ValueError) as exc:  # a row whose cells do not have the schema's shape
+                yield row_no, row.get("unit_id"), RecordError(Reason.BAD_SHAPE, f"{type(exc).__name__}: {exc}")
+            row_no += 1
+
+
+def history_index(path: Path | str) -> list[tuple[str | None, datetime | None]]:
+    """Per row of a history file, its line and its unit's event time (the latest ``ce_time`` of its readings),
+    read from the header columns alone (no payload is read or decoded); ``None`` where a row lacks them."""
+    pf = _open(Path(path))
+    table = pf.read(columns=["line_id", *(f"{m}.headers" for m in MODALITIES)])
+    lines = table.column("line_id").to_pylist()
+    per_modality = [table.column(m).to_pylist() for m in MODALITIES]
+    out: list[tuple[str | None, datetime | None]] = []
+    for i, line in enumerate(lines):
+        times = []
+        for cells in per_modality:
+            cell = cells[i]
+            if cell is None:
+                continue
+            for h in cell.get("headers") or ():
+                if h.get("key") == "ce_time" and h.get("value") is not None:
+                    with contextlib.suppress(RecordError, UnicodeDecodeError):  # the row itself reports it
+                        times.append(parse_time(h["value"].decode("utf-8")))
+        out.append((line, max(times) if times else None))
+    return out
+
+
+def history_labels(path: Path | str) -> dict[str, bool]:
+    """Unit id -> whether it is defective, for the rows of a history file that carry a label (from the label
+    column alone)."""
+    table = _open(Path(path)).read(columns=["unit_id", "label"])
+    return {uid: bool(lab["defect"]) for uid, lab in zip(table.column("unit_id").to_pylist(),
+                                                         table.column("label").to_pylist(), strict=True)
+            if uid is not None and lab is not None and lab.get("defect") is not None}

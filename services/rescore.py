@@ -1,0 +1,641 @@
+"""Re-scoring history: the stream's own scoring over Parquet history, decisions written as partitioned Parquet.
+
+    inspection rescore --history 'archive/*.parquet' --store models/composite [--model VERSION] --out rescore/
+
+History is what the stream's archive sink and ``inspection produce --archive`` write
+(:mod:`inspection.data.history`): every reading exactly as it travelled on Kafka, with where it was read. Each
+unit is decoded through the same validating codec and scored by :func:`services.scoring.score_units`, the
+stream's scoring (batched preprocessing, one encode, every modality coalition), so a re-scored decision has the
+stream's decision id (unit, model version and input coordinates) and its score up to floating-point
+differences between batch compositions (see docs/rescore.md).
+
+Output, under ``--out``::
+
+    run.json                                  the run: history files, model and thresholds, counts, rejected rows
+    decisions/model_version=V/line_id=L/day=YYYY-MM-DD/part-00000.parquet
+
+Partitions are by line and by the unit's event day (UTC), in the hive layout that Parquet readers (pyarrow,
+Spark, DuckDB, Ray) understand. A partition becomes visible only complete: it is written under
+``model_version=V/_partial-<run>/`` (a prefix readers skip) and renamed into place when its last unit is
+written, so an interrupted run leaves no partial partition, and a new run skips every partition already written
+for that model version (resume). Memory is bounded: a few batches in flight and one row buffer per open
+partition, whatever the history size.
+
+The local engine overlaps reading and decoding (a thread), scoring (the calling thread) and writing (a
+thread) through bounded queues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import logging
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from inspection.data.history import ArchivedUnit, history_index, iter_history_rows
+from inspection.errors import DataError, InspectionError, RecordError
+from inspection.records import MODALITIES, Decision
+from services.join import JoinedUnit
+from services.scoring import ServingModel, score_units
+
+log = logging.getLogger(__name__)
+
+RUN_SCHEMA = "inspection.rescore-run/1"
+_INPUT = pa.struct([("topic", pa.string()), ("partition", pa.int32()), ("offset", pa.int64())])
+#: One row per decision. ``cloudevent`` is the decision exactly as the stream would send it (JSON).
+DECISION_SCHEMA = pa.schema(
+    [
+        ("decision_id", pa.string()),
+        ("unit_id", pa.string()),
+        ("line_id", pa.string()),
+        ("event_time", pa.timestamp("us", tz="UTC")),
+        ("decision", pa.string()),
+        ("score", pa.float64()),
+        ("threshold", pa.float64()),
+        ("defect_class", pa.string()),
+        ("model_version", pa.string()),
+        ("threshold_version", pa.string()),
+        ("present", pa.list_(pa.string())),
+        ("missing", pa.list_(pa.string())),
+        ("inputs", pa.list_(_INPUT)),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("cloudevent", pa.string()),
+    ],
+    metadata={b"inspection.decisions.schema": b"1"},
+)
+_PARTIAL = "_partial-"
+
+
+class RescoreError(InspectionError):
+    """A re-scoring run that cannot start or finish (no history, a model it cannot load)."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def history_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """History files named by a path, a folder (its ``*.parquet``, recursively) or a glob; sorted.
+
+    Raises:
+        RescoreError: nothing matches.
+    """
+    specs = [spec] if isinstance(spec, str | Path) else list(spec)
+    found: set[Path] = set()
+    for s in specs:
+        p = Path(s)
+        if p.is_dir():
+            found |= {q for q in p.rglob("*.parquet")
+                      if not any(part.startswith((".", "_")) for part in q.relative_to(p).parts)}
+        elif p.is_file():
+            found.add(p)
+        else:
+            found |= {Path(q) for q in glob.glob(str(s), recursive=True) if Path(q).is_file()}
+    if not found:
+        raise RescoreError(f"no history files match {spec!s}: give a Parquet file, a folder or a glob "
+                           "(written by the stream's archive sink or `inspection produce --archive`)")
+    return sorted(found)
+
+
+def partition_key(line_id: str | None, event_time: datetime | None) -> tuple[str, str] | None:
+    if line_id is None or event_time is None:
+        return None
+    return line_id, event_time.astimezone(UTC).date().isoformat()
+
+
+def partition_dir(root: Path, model_version: str, key: tuple[str, str]) -> Path:
+    return root / "decisions" / f"model_version={model_version}" / f"line_id={key[0]}" / f"day={key[1]}"
+
+
+# --------------------------------------------------------------------------------------------- records
+@dataclass
+class Rejected:
+    """A history row that produced no decision, or a reading the model's preprocessing rejected."""
+
+    file: str
+    row: int
+    unit_id: str | None
+    reason: str
+    detail: str
+    modality: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def decision_row(decision: Decision, source_file: str, source_row: int) -> dict:
+    return {
+        "decision_id": decision.id,
+        "unit_id": decision.unit_id,
+        "line_id": decision.line_id,
+        "event_time": decision.event_time,
+        "decision": decision.decision,
+        "score": decision.score,
+        "threshold": decision.threshold,
+        "defect_class": decision.defect_class,
+        "model_version": decision.model_version,
+        "threshold_version": decision.threshold_version,
+        "present": list(decision.present),
+        "missing": list(decision.missing),
+        "inputs": [{"topic": c.topic, "partition": c.partition, "offset": c.offset} for c in decision.inputs],
+        "source_file": source_file,
+        "source_row": source_row,
+        "cloudevent": decision.to_json().decode(),
+    }
+
+
+def read_decisions(path: str | Path, *, model_version: str | None = None) -> Iterator[Decision]:
+    """Decisions from a re-scoring output folder (or one of its Parquet files), optionally of one model version.
+
+    Raises:
+        DataError: nothing readable there, or a file that is not a decisions file.
+    """
+    import pyarrow.dataset as ds
+
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{root} does not exist")
+    target = root / "decisions" if (root / "decisions").is_dir() else root
+    try:
+        dataset = ds.dataset(target, format="parquet", partitioning="hive")
+        columns = ["cloudevent", "model_version"]
+        table = dataset.to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{target} holds no readable decisions Parquet: {exc}") from exc
+    for event, version in zip(table.column("cloudevent").to_pylist(), table.column("model_version").to_pylist(),
+                              strict=True):
+        if model_version is None or version == model_version:
+            yield Decision.from_json(event.encode())
+
+
+# ---------------------------------------------------------------------------------------------- writer
+class _PartitionWriter:
+    """Writes each partition under the run's partial folder and renames it into place once complete."""
+
+    def __init__(self, root: Path, model_version: str, run_id: str, planned: Counter, row_group: int = 512) -> None:
+        self.root, self.model_version = root, model_version
+        self.partial = root / "decisions" / f"model_version={model_version}" / f"{_PARTIAL}{run_id}"
+        self.planned = planned
+        self.accounted: Counter = Counter()
+        self.row_group = row_group
+        self._buffers: dict[tuple[str, str], list[dict]] = {}
+        self._writers: dict[tuple[str, str], pq.ParquetWriter] = {}
+        self.finished: list[tuple[str, str]] = []
+        self.rows_written = 0
+
+    def _tmp_dir(self, key: tuple[str, str]) -> Path:
+        return self.partial / f"line_id={key[0]}" / f"day={key[1]}"
+
+    def add(self, key: tuple[str, str], rows: list[dict], accounted: int) -> None:
+        buffer = self._buffers.setdefault(key, [])
+        buffer.extend(rows)
+        if len(buffer) >= self.row_group:
+            self._flush(key)
+        self.accounted[key] += accounted
+        if self.accounted[key] >= self.planned[key]:
+            self._finish(key)
+
+    def _flush(self, key: tuple[str, str]) -> None:
+        rows = self._buffers.get(key) or []
+        writer = self._writers.get(key)
+        if writer is None:
+            folder = self._tmp_dir(key)
+            folder.mkdir(parents=True, exist_ok=True)
+            writer = self._writers[key] = pq.ParquetWriter(folder / "part-00000.parquet", DECISION_SCHEMA,
+                                                           compression="zstd")
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA))
+            self.rows_written += len(rows)
+        self._buffers[key] = []
+
+    def _finish(self, key: tuple[str, str]) -> None:
+        self._flush(key)  # opens the file even for a partition without decisions: it is then done, and empty
+        self._writers.pop(key).close()
+        self._buffers.pop(key, None)
+        final = partition_dir(self.root, self.model_version, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._tmp_dir(key), final)
+        self.finished.append(key)
+
+    def close(self, complete: bool) -> None:
+        """Finish what is open (``complete``: the whole history was read) or drop it; remove the partial folder."""
+        for key in list(self._writers) + [k for k in self._buffers if k not in self._writers]:
+            if complete:
+                self._finish(key)
+            elif key in self._writers:
+                self._writers.pop(key).close()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+@dataclass
+class RescoreResult:
+    """What a run did (also written to ``run.json``)."""
+
+    out: Path
+    model_version: str
+    threshold_version: str
+    files: list[str]
+    units_in_history: int = 0
+    decided: int = 0
+    skipped_done: int = 0
+    partitions_written: int = 0
+    partitions_skipped: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+    rejected_readings: list[Rejected] = field(default_factory=list)
+    seconds: float = 0.0
+    engine: str = "local"
+    unreadable_files: list[str] = field(default_factory=list)
+
+    @property
+    def units_per_s(self) -> float:
+        return self.decided / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": RUN_SCHEMA, "engine": self.engine, "out": str(self.out), "model_version": self.model_version,
+            "threshold_version": self.threshold_version, "history_files": self.files,
+            "unreadable_files": self.unreadable_files,
+            "units_in_history": self.units_in_history, "decided": self.decided, "skipped_done": self.skipped_done,
+            "partitions_written": self.partitions_written, "partitions_skipped": self.partitions_skipped,
+            "rejected_rows": len(self.rejected), "rejected_readings": len(self.rejected_readings),
+            "rejected_by_reason": dict(Counter(r.reason for r in self.rejected + self.rejected_readings)),
+            "rejected": [r.to_dict() for r in self.rejected[:1000]],
+            "rejected_reading_list": [r.to_dict() for r in self.rejected_readings[:1000]],
+            "seconds": round(self.seconds, 3), "units_per_s": round(self.units_per_s, 2),
+        }
+
+
+@dataclass
+class _Item:
+    file: str
+    row: int
+    key: tuple[str, str] | None
+    unit_id: str | None
+    archived: ArchivedUnit | None
+    error: RecordError | None
+
+
+def plan(files: Sequence[Path]) -> tuple[list[Path], list[list[tuple[str, str] | None]], Counter, list[Rejected]]:
+    """The readable history files, each one's rows' partition keys, the rows per partition, and the files that
+    are not readable history (corrupt, not Parquet, another schema) as rejections."""
+    readable, keys, bad = [], [], []
+    counts: Counter = Counter()
+    for f in files:
+        try:
+            per_row = [partition_key(line, when) for line, when in history_index(f)]
+        except DataError as exc:
+            log.error("skipping %s: %s", f, exc)
+            bad.append(Rejected(str(f), -1, None, "unreadable_file", str(exc)))
+            continue
+        except (pa.ArrowException, OSError) as exc:
+            log.error("skipping %s: %s", f, exc)
+            bad.append(Rejected(str(f), -1, None, "unreadable_file", f"{type(exc).__name__}: {exc}"))
+            continue
+        readable.append(f)
+        keys.append(per_row)
+        counts.update(k for k in per_row if k is not None)
+    return readable, keys, counts, bad
+
+
+def joined_from_archive(archived: ArchivedUnit, expected: Sequence[str]) -> JoinedUnit:
+    """The unit as the stream's join would have released it (every reading present, expected ones missing).
+
+    Raises:
+        RecordError-like ValueError: a present reading without its input coordinate (the decision id needs it).
+    """
+    unit = archived.unit
+    lacking = [m for m in unit.present if m not in archived.inputs]
+    if lacking:
+        raise ValueError(f"readings {lacking} have no input coordinates (topic, partition, offset)")
+    missing = tuple(m for m in MODALITIES if m in expected and m not in unit.present)
+    return JoinedUnit(unit, dict(archived.inputs), not missing, missing, "complete" if not missing else "timeout",
+                      0.0)
+
+
+def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingModel, out: str | Path, *,
+                  batch_size: int = 64, expected: Sequence[str] = MODALITIES, prepare_workers: int = 0,
+                  progress: bool = True, on_batch: Callable[[int], None] | None = None,
+                  reporter: Any = None) -> RescoreResult:
+    """Re-score history with the local engine (see the module docstring).
+
+    Args:
+        history: history files, a folder or a glob.
+        serving: the model (:func:`services.scoring.load_serving_model`).
+        out: the output folder (created); partitions already there for this model version are skipped.
+        batch_size: units per scoring forward.
+        expected: the modalities a unit should have (a decision lists the absent ones as missing, as the stream
+            does with ``join.expected``).
+        prepare_workers: threads for image decoding and resizing (0: min(8, cores)).
+        progress: a progress bar with units/s on stderr.
+        on_batch: called with the units decided so far after every batch (tests interrupt runs with it).
+        reporter: a :class:`services.reports.StreamReporter`: level-2 explanation reports of the decisions it
+            selects, written before the decision (which then links to its report), as the stream does.
+
+    Returns:
+        The run's :class:`RescoreResult` (also in ``out/run.json``).
+
+    Raises:
+        RescoreError: no history files; DataError: a file that is not history (named).
+    """
+    t0 = time.monotonic()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    files, keys, planned, unreadable = plan(history_files(history))
+    version = serving.version
+    done = {k for k in planned if partition_dir(root, version, k).is_dir()}
+    base = root / "decisions" / f"model_version={version}"
+    if base.is_dir():
+        for stale in base.glob(f"{_PARTIAL}*"):  # left by an interrupted run
+            shutil.rmtree(stale, ignore_errors=True)
+    result = RescoreResult(root, version, serving.threshold_version, [str(f) for f in files])
+    result.rejected.extend(unreadable)
+    result.unreadable_files = [r.file for r in unreadable]
+    result.units_in_history = sum(len(k) for k in keys)
+    result.partitions_skipped = len(done)
+    todo = Counter({k: n for k, n in planned.items() if k not in done})
+    writer = _PartitionWriter(root, version, uuid.uuid4().hex[:12], todo)
+
+    batches: queue.Queue = queue.Queue(maxsize=4)
+    writes: queue.Queue = queue.Queue(maxsize=8)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            batch: list[_Item] = []
+            for f, per_row in zip(files, keys, strict=True):
+                for row, unit_id, item in iter_history_rows(f):
+                    if stop.is_set():
+                        return
+                    key = per_row[row] if row < len(per_row) else None
+                    if key in done:
+                        result.skipped_done += 1
+                        continue
+                    err = item if isinstance(item, RecordError) else None
+                    batch.append(_Item(str(f), row, key, unit_id, None if err else item, err))
+                    if len(batch) >= batch_size:
+                        batches.put(batch)
+                        batch = []
+            if batch:
+                batches.put(batch)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the scoring thread
+            failure.append(exc)
+        finally:
+            batches.put(None)
+
+    def write() -> None:
+        try:
+            while (job := writes.get()) is not None:
+                key, rows, accounted = job
+                writer.add(key, rows, accounted)
+        except BaseException as exc:  # noqa: BLE001
+            failure.append(exc)
+            stop.set()
+            while writes.get() is not None:  # keep the scorer from blocking on a full queue
+                pass
+
+    reader = threading.Thread(target=read, name="rescore-read", daemon=True)
+    writer_thread = threading.Thread(target=write, name="rescore-write", daemon=True)
+    reader.start()
+    writer_thread.start()
+    workers = prepare_workers or min(8, os.cpu_count() or 1)
+    bar = _progress(result.units_in_history - result.skipped_done, progress)
+    complete = False
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rescore-prepare") as pool:
+            while (batch := batches.get()) is not None:
+                if failure:
+                    break
+                _score_batch(serving, batch, expected, pool, result, writes, reporter)
+                bar.update(len(batch))
+                if on_batch is not None:
+                    on_batch(result.decided)
+        complete = not failure and not stop.is_set()
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                batches.get(timeout=0.1)
+        writes.put(None)
+        writer_thread.join()
+        bar.close()
+        writer.close(complete)
+    if failure:
+        raise failure[0]
+    result.partitions_written = len(writer.finished)
+    result.seconds = time.monotonic() - t0
+    _write_json(root / "run.json", result.to_dict())
+    return result
+
+
+def _score_batch(serving: ServingModel, batch: list[_Item], expected: Sequence[str], pool, result: RescoreResult,
+                 writes: queue.Queue, reporter: Any = None) -> None:
+    good: list[tuple[_Item, JoinedUnit]] = []
+    accounted: Counter = Counter()
+    for item in batch:
+        if item.error is not None:
+            result.rejected.append(Rejected(item.file, item.row, item.unit_id, item.error.reason.value,
+                                            item.error.detail))
+        elif item.key is None:
+            result.rejected.append(Rejected(item.file, item.row, item.unit_id, "no_partition",
+                                            "the row has no line id or no readable event time"))
+        else:
+            try:
+                good.append((item, joined_from_archive(item.archived, expected)))
+                continue
+            except ValueError as exc:
+                result.rejected.append(Rejected(item.file, item.row, item.unit_id, "no_input_coordinates", str(exc)))
+        if item.key is not None:
+            accounted[item.key] += 1
+    rows: dict[tuple[str, str], list[dict]] = {}
+    if good:
+        scored = score_units(serving, [j for _, j in good], executor=pool).scored
+        links = _reports(serving, reporter, good, scored) if reporter is not None else {}
+        for (item, _), s in zip(good, scored, strict=True):
+            for letter in s.dead:
+                modality = next((m for m, c in item.archived.inputs.items() if c == letter.coordinate), None)
+                result.rejected_readings.append(Rejected(item.file, item.row, item.unit_id, letter.reason,
+                                                         letter.detail, modality))
+            accounted[item.key] += 1
+            if s.decision is None:
+                result.rejected.append(Rejected(item.file, item.row, item.unit_id, "not_scored",
+                                                "no reading of the unit could be scored"))
+                continue
+            decision = s.decision
+            if decision.id in links:
+                decision = dataclasses.replace(decision, report_url=links[decision.id])
+            rows.setdefault(item.key, []).append(decision_row(decision, item.file, item.row))
+            result.decided += 1
+    for key, n in accounted.items():
+        writes.put((key, rows.get(key, []), n))
+
+
+def _reports(serving: ServingModel, reporter: Any, good: list[tuple[_Item, JoinedUnit]], scored: list) -> dict:
+    """Level-2 reports of the selected decisions of a batch (reusing the scoring pass's tokens); id -> link."""
+    chosen = [(j, s) for (_, j), s in zip(good, scored, strict=True)
+              if s.decision is not None and reporter.wanted(s.decision)]
+    if not chosen:
+        return {}
+    pairs = []
+    for j, s in chosen:
+        dead = [m for m in j.unit.present if m not in s.decision.present]
+        pairs.append((j.unit.without(*dead) if dead else j.unit, s.decision))
+    with serving.autocast():
+        return reporter.write(serving.model, pairs, [s for _, s in chosen])
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="unit", desc="rescore", file=sys.stderr, smoothing=0.1)
+
+
+# ----------------------------------------------------------------------------------------------- audit
+@dataclass
+class AuditResult:
+    """The outcome of :func:`audit`."""
+
+    decision_id: str
+    unit_id: str
+    model_version: str
+    history_file: str
+    history_row: int
+    recorded: Decision | None
+    rescored: Decision
+    tolerance: float
+
+    @property
+    def score_difference(self) -> float | None:
+        return None if self.recorded is None else self.rescored.score - self.recorded.score
+
+    @property
+    def matches(self) -> bool:
+        r = self.recorded
+        return r is not None and r.decision == self.rescored.decision and \
+            r.threshold_version == self.rescored.threshold_version and r.threshold == self.rescored.threshold and \
+            abs(self.rescored.score - r.score) <= self.tolerance
+
+    def to_dict(self) -> dict:
+        r = self.recorded
+        return {
+            "decision_id": self.decision_id, "unit_id": self.unit_id, "model_version": self.model_version,
+            "history": {"file": self.history_file, "row": self.history_row},
+            "recorded": None if r is None else {"decision": r.decision, "score": r.score, "threshold": r.threshold,
+                                                "threshold_version": r.threshold_version},
+            "rescored": {"decision": self.rescored.decision, "score": self.rescored.score,
+                         "threshold": self.rescored.threshold, "threshold_version": self.rescored.threshold_version},
+            "score_difference": self.score_difference, "tolerance": self.tolerance, "matches": self.matches,
+        }
+
+
+def recorded_decisions(path: str | Path) -> Iterator[Decision]:
+    """Decisions from a re-scoring output (Parquet) or a file of decision CloudEvents, one JSON per line (as
+    ``inspection consume --topic inspection.decisions`` prints them: its ``at`` field is ignored)."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".jsonl", ".json", ".ndjson"):
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    event = json.loads(line)
+                    event.pop("at", None)
+                    yield Decision.from_json(json.dumps(event).encode())
+                except (ValueError, InspectionError) as exc:
+                    raise DataError(f"{path} line {n} is not a decision CloudEvent: {exc}") from exc
+        return
+    yield from read_decisions(path)
+
+
+def audit(decision_id: str, history: str | Path | Sequence[str | Path], store_root: str | Path,
+          decisions: str | Path | None = None, *, device: str = "cpu", tolerance: float = 1e-5,
+          expected: Sequence[str] = MODALITIES) -> AuditResult:
+    """Reproduce one decision: find its unit in history by the decision id (unit, model version and input
+    coordinates), re-score it with that model version from the store, and compare it with the recorded decision
+    (from ``decisions``: a re-scoring output folder or a JSON-lines file of decision CloudEvents).
+
+    Raises:
+        RescoreError: no unit of the history and no version of the store give that id, the model version is
+            missing from the store, or the recorded decision is not in ``decisions``.
+    """
+    from itertools import combinations
+
+    import torch
+
+    from inspection.records import decision_id as make_id
+    from inspection.store import ModelStore
+    from services.scoring import load_serving_model
+
+    store = ModelStore(store_root, create=False)
+    versions = [v.version for v in store.versions()]
+    recorded = None
+    if decisions is not None:
+        recorded = next((d for d in recorded_decisions(decisions) if d.id == decision_id), None)
+        if recorded is None:
+            raise RescoreError(f"decision {decision_id} is not in {decisions}")
+        if recorded.model_version not in versions:
+            raise RescoreError(f"decision {decision_id} was made by model {recorded.model_version}, which the store "
+                               f"{store.root} does not hold (it holds {versions})")
+        versions = [recorded.model_version]
+    found = None
+    for f in history_files(history):
+        for row, _, item in iter_history_rows(f):
+            if isinstance(item, RecordError) or (recorded is not None and item.unit.unit_id != recorded.unit_id):
+                continue
+            present = [m for m in item.unit.present if m in item.inputs]
+            for size in range(len(present), 0, -1):
+                for used in combinations(present, size):
+                    coords = tuple(item.inputs[m] for m in used)
+                    for version in versions:
+                        if make_id(item.unit.unit_id, version, coords) == decision_id:
+                            found = (f, row, item, version)
+                            break
+                    if found:
+                        break
+                if found:
+                    break
+            if found:
+                break
+        if found:
+            break
+    if found is None:
+        raise RescoreError(f"no unit of the history with any model version of {store.root} gives decision id "
+                           f"{decision_id}")
+    f, row, item, version = found
+    serving = load_serving_model(store, version, torch.device(device))
+    scored = score_units(serving, [joined_from_archive(item, expected)]).scored[0]
+    if scored.decision is None:
+        raise RescoreError(f"unit {item.unit.unit_id} could not be scored again: "
+                           f"{[d.detail for d in scored.dead]}")
+    return AuditResult(decision_id, item.unit.unit_id, version, str(f), row, recorded, scored.decision, tolerance)
