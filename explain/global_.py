@@ -89,3 +89,27 @@ def summarize(reports: Iterable[Mapping[str, Any]], *, period: str = "day") -> d
                for key in sorted(buckets)]
     return {"units": n, "modalities": modalities, "groups": group_rows, "interactions": interactions,
             "culprits": dict(culprits), "periods": periods, "modality_names": names, "period": period}
+
+
+def decision_entry(decision) -> dict[str, Any]:
+    """A decision (:class:`inspection.records.Decision`) as the level-1 part of a report document, for
+    :func:`summarize` and the index page: its modality values and interactions, its culprit modality (the
+    largest value, as in a report), event time and outcome. Decision history carries level 1 only (level-2 groups
+    live in the reports)."""
+    from inspection.records import format_time
+
+    attributions = decision.attributions or {}
+    phi = {m: float(v) for m, v in (attributions.get("modality") or {}).items()}
+    return {
+        "unit_id": decision.unit_id,
+        "line_id": decision.line_id,
+        "event_time": format_time(decision.event_time),
+        "decision": {"id": decision.id, "decision": decision.decision, "score": decision.score,
+                     "threshold": decision.threshold, "class": decision.defect_class,
+                     "report_url": decision.report_url},
+        "model_version": decision.model_version,
+        "explanation": {"level": 1, "modality": {"phi": phi,
+                                                 "interactions": dict(attributions.get("interactions") or {})},
+                        "groups": {}},
+        "summary": {"culprit_modality": max(phi, key=lambda m: phi[m]) if phi else None},
+    }

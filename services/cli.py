@@ -649,9 +649,34 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from explain.report import read_reports, report_files, write_index
 
-    reports = read_reports(report_files(args.source))
+    source = args.source
+    if source.is_dir() and ((source / "decisions").is_dir() or any(source.glob("model_version=*"))):
+        return _report_from_decisions(args)
+    reports = read_reports(report_files(source))
     index, overview = write_index(args.out, reports, period=args.period)
     print(json.dumps({"reports": len(reports), "index": str(index), "global": str(overview)}))
+    return 0
+
+
+def _report_from_decisions(args: argparse.Namespace) -> int:
+    """The index and the global view (level 3, modality level) over decision history (a rescore output)."""
+    from explain.global_ import decision_entry, summarize
+    from explain.report import render_index_html
+    from services.rescore import read_decisions
+
+    entries = [decision_entry(d) for d in read_decisions(args.source, model_version=args.model)
+               if args.line is None or d.line_id == args.line]
+    if not entries:
+        raise ConfigError(f"{args.source} holds no decisions" + (f" of line {args.line}" if args.line else "")
+                          + (f" of model {args.model}" if args.model else ""))
+    overview = summarize(entries, period=args.period)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"report": e, "href": e["decision"].get("report_url") or ""} for e in entries]
+    (out / "index.html").write_text(render_index_html(rows, overview), encoding="utf-8")
+    (out / "global.json").write_text(json.dumps(overview, indent=1, sort_keys=True), encoding="utf-8")
+    print(json.dumps({"decisions": len(entries), "index": str(out / "index.html"), "global": str(out / "global.json"),
+                      "models": sorted({e["model_version"] for e in entries})}))
     return 0
 
 
@@ -883,9 +908,12 @@ def build_parser() -> argparse.ArgumentParser:
     au.set_defaults(func=cmd_audit)
 
     rp = sub.add_parser("report", help="index page and global view (level 3) over report JSON files")
-    rp.add_argument("--from", dest="source", type=Path, required=True, help="a report folder or one report file")
+    rp.add_argument("--from", dest="source", type=Path, required=True,
+                    help="a report folder, one report file, or decision history (an `inspection rescore` output)")
     rp.add_argument("--out", type=Path, required=True, help="where index.html and global.json go")
     rp.add_argument("--period", choices=["day", "hour"], default="day")
+    rp.add_argument("--line", help="decision history: only this line")
+    rp.add_argument("--model", help="decision history: only this model version (default: every version there)")
     rp.set_defaults(func=cmd_report)
 
     mo = sub.add_parser("models", help="list, promote or roll back stored model versions",

@@ -259,3 +259,28 @@ def test_cli_refuses_an_unknown_version_a_small_budget_and_missing_history(strea
         assert run.returncode == 2, (extra, run.stderr[-2000:])
         assert message in run.stderr, (extra, run.stderr[-2000:])
     assert not (tmp_path / "out" / "decisions").exists()  # nothing was scored by a refused run
+
+
+def test_global_view_over_decision_history(stream_run, serving, tmp_path):
+    from explain.global_ import summarize
+
+    archive, decisions, _ = stream_run
+    rescore_local(archive, serving, tmp_path / "out", progress=False)
+    run = subprocess.run([sys.executable, "-m", "services.cli", "report", "--from", str(tmp_path / "out"), "--out",
+                          str(tmp_path / "view")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["decisions"] == len(decisions)
+    overview = json.loads((tmp_path / "view" / "global.json").read_text())
+    assert overview["units"] == len(decisions)
+    # the mean |phi| of each modality, recomputed from the stream's own decisions
+    for row in overview["modalities"]:
+        values = [d.attributions["modality"][row["name"]] for d in decisions
+                  if row["name"] in d.attributions["modality"]]
+        assert row["units"] == len(values)
+        assert row["mean_abs_phi"] == pytest.approx(float(np.mean(np.abs(values))), rel=1e-4)
+    culprits = Counter(max(d.attributions["modality"], key=d.attributions["modality"].get) for d in decisions)
+    assert overview["culprits"] == dict(culprits)
+    assert sum(p["units"] for p in overview["periods"]) == len(decisions)
+    page = (tmp_path / "view" / "index.html").read_text()
+    assert page.count("<tr data-line=") == len(decisions)
+    assert summarize([])["units"] == 0
