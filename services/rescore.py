@@ -173,7 +173,9 @@ def read_decisions(path: str | Path, *, model_version: str | None = None) -> Ite
         raise DataError(f"{root} does not exist")
     target = root / "decisions" if (root / "decisions").is_dir() else root
     try:
-        dataset = ds.dataset(target, format="parquet", partitioning="hive")
+        # the files carry model_version and line_id themselves: no partition inference from the folder names
+        # (a numeric-looking line id would be inferred as a number there); names starting "_" or "." are skipped
+        dataset = ds.dataset(target, format="parquet", partitioning=None)
         columns = ["cloudevent", "model_version"]
         table = dataset.to_table(columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
