@@ -226,6 +226,8 @@ def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, no
         plot_roc_confusion(pred["score"], pred["defect"], pred["threshold"], pred["klass"],
                            pred["class_prob"].argmax(1), fused.config.class_names, plots_dir / f"composite_s{seed}",
                            f"composite fused, seed {seed}")
+        if torch.device(device).type == "cuda":  # the service scores under bf16 autocast: its effect, same units
+            row["fused_fp32"] = evaluate_units(fused, test, device, prepared=prepared, amp=False)[0]
         for m in MODALITIES:  # the fused model with one modality removed at test time (masked out)
             row[f"fused_without_{m}"] = evaluate_units(fused, test, device, prepared=prepared, hide=(m,))[0]
         # single-modality models, and late fusion = max over modalities of the score relative to its threshold
@@ -258,6 +260,11 @@ def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, no
         "seed": list(seeds),
         "model_version": [r["model_version"] for r in runs],
     }
+    if all("fused_fp32" in r for r in runs):
+        summary["bf16_effect"] = {"precision": "bf16 autocast (value, auroc) vs float32 on the same test units",
+                                  "f1_fp32": mean("fused_fp32.f1"), "auroc_fp32": mean("fused_fp32.auroc"),
+                                  "f1_delta": mean("fused.f1") - mean("fused_fp32.f1"),
+                                  "auroc_delta": mean("fused.auroc") - mean("fused_fp32.auroc")}
     if note:
         summary["note"] = note
     return write_result("composite", summary, {"runs": runs}, results_dir)

@@ -59,8 +59,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.contracts import Routing, check_expert_ffn_args
 from kernels._launch import INTERPRET_ENV, block_size, use_triton
+from kernels.contracts import Routing, check_expert_ffn_args
 from kernels.routing import (
     MAX_EXPERTS,
     BlockPlan,

@@ -829,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate calibrated models on a benchmark's test split")
     ev.add_argument("--bench", choices=bench_choices, required=True)
     ev.add_argument("--seeds", type=int, nargs="*")
-    ev.add_argument("--tta", action="store_true", help="average the 4 rotations of images")
+    ev.add_argument("--tta", action="store_true", help="average 8 views of each image (4 rotations, each also mirrored)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--store", default="models")
     ev.add_argument("--results", default="bench/results")

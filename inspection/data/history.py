@@ -156,17 +156,10 @@ def read_history(path: Path | str, *, limits: CodecLimits | None = None, batch_s
     Raises:
         DataError: the file is missing or not a history file; a row fails validation (names the row).
     """
-    path = Path(path)
-    pf = _open(path)
-    limits = limits or CodecLimits()
-    row_no = 0
-    for batch in pf.iter_batches(batch_size=batch_size):
-        for row in batch.to_pylist():
-            try:
-                yield _unit_from_row(row, limits)
-            except RecordError as exc:
-                raise DataError(f"{path} row {row_no} (unit {row.get('unit_id')!r}): {exc}") from exc
-            row_no += 1
+    for row_no, unit_id, item in iter_history_rows(path, limits=limits, batch_size=batch_size):
+        if isinstance(item, RecordError):
+            raise DataError(f"{Path(path)} row {row_no} (unit {unit_id!r}): {item}") from item
+        yield item
 
 
 def count_history(path: Path | str) -> int:

@@ -213,6 +213,17 @@ def metric_value() -> Callable[..., float]:
     return value
 
 
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """``(status, body)`` of ``GET path`` on ``127.0.0.1:port``; status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
 class ServeProcess:
     """``inspection serve`` as a real child process, as deployed: started (again, on the same metrics port, after a
     kill), waited for until ``/readyz`` answers 200, its HTTP endpoints read; output goes to ``log_path``."""
@@ -239,13 +250,7 @@ class ServeProcess:
 
     def get(self, path: str) -> tuple[int, str]:
         """``(status, body)`` of ``GET path`` on the metrics port; status 0 when nothing answers."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return 0, ""
+        return http_get(self.port, path)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.START_TIMEOUT_S

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,8 +10,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from services.workers import worker_command
 
-from .conftest import ServeProcess
+from .conftest import ServeProcess, http_get
 
 START_TIMEOUT_S = 120.0
 
@@ -39,28 +38,18 @@ def _free_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def _wait_ready(proc: subprocess.Popen, ports: list[int], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the supervisor exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        if all(_get(p, "/readyz")[0] == 200 for p in ports):
+        if all(http_get(p, "/readyz")[0] == 200 for p in ports):
             return
         time.sleep(0.25)
     pytest.fail(f"the workers were not ready within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 def _decided(port: int) -> float:
-    body = _get(port, "/metrics")[1]
+    body = http_get(port, "/metrics")[1]
     return sum(float(v) for v in re.findall(r'^inspection_decisions_total\{decision="[a-z]+"\} (\S+)$', body, re.M))
 
 
@@ -124,8 +113,7 @@ def test_two_workers_split_the_partitions_and_a_killed_worker_is_replaced(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in _worker_pids(log).values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for pid in _worker_pids(log).values():  # a worker the supervisor left behind (ours: checked by its command)
+            with contextlib.suppress(OSError):
+                if b"services.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
