@@ -11,7 +11,9 @@ identity with the stream.
    history (``peak_rss_mb`` and ``peak_rss_mb_more``).
 3. ``model_units_per_s``: the scoring forward alone (encode + every coalition) on the same units, prepared once,
    in batches of the same size, on the same machine: the ceiling of the engine.
-4. ``identical_to_stream``: the stream service decides ``--stream-units`` units with its archive sink on, then
+4. ``ray_1_units_per_s`` / ``ray_2_units_per_s``: ``inspection rescore --engine ray --workers 1|2`` on the
+   first folder (a local Ray cluster started by the command, one CPU thread per actor), whole command.
+5. ``identical_to_stream``: the stream service decides ``--stream-units`` units with its archive sink on, then
    ``rescore`` re-scores the archive: every decision id must come back, with the same decision and class and
    the score within 1e-5.
 """
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-units", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray engine runs")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rescore.json"))
     args = p.parse_args(argv)
     command = " ".join(["python", "bench/rescore.py", *(sys.argv[1:] if argv is None else argv)])
@@ -191,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                                              str(workdir / "out-more"), *common], workdir)
     log(f"local engine, {more['decided']} units: {more['decided'] / seconds_more:.1f} units/s, "
         f"peak RSS {peak_more:.0f} MiB")
+    ray_runs = {}
+    if not args.no_ray:
+        for workers in (1, 2):
+            got, secs, _ = run_cli(["--history", str(workdir / "history"), "--out", str(workdir / f"ray-{workers}"),
+                                    "--engine", "ray", "--workers", str(workers), *common], workdir)
+            ray_runs[workers] = {"units_per_s": got["decided"] / secs, "seconds": secs,
+                                 "engine_units_per_s": got["units_per_s"]}
+            log(f"ray engine, {workers} worker(s): {got['decided'] / secs:.1f} units/s (whole command)")
     model_ups = model_only(store, small, args.batch_size, args.device)
     log(f"model only: {model_ups:.1f} units/s")
     identity = stream_identity(store, composite_units(args.stream_units, args.seed + 1), args.device, workdir)
@@ -202,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         "model_units_per_s": round(model_ups, 2),
         "local_vs_model": round(local_ups / model_ups, 4),
         "identical_to_stream": identity["identical_to_stream"],
+        "ray_1_units_per_s": round(ray_runs[1]["units_per_s"], 2) if ray_runs else None,
+        "ray_2_units_per_s": round(ray_runs[2]["units_per_s"], 2) if ray_runs else None,
+        "ray_2_vs_1": round(ray_runs[2]["units_per_s"] / ray_runs[1]["units_per_s"], 3) if ray_runs else None,
+        "ray_vs_local": round(ray_runs[2]["units_per_s"] / local_ups, 3) if ray_runs else None,
         "peak_rss_mb": round(peak, 1),
         "peak_rss_mb_more": round(peak_more, 1),
         "units_more": more["decided"],
@@ -211,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "history_mib": round(size / 2**20, 1), "history_more_mib": round(size_more / 2**20, 1),
         "local_seconds": round(seconds, 2), "local_more_seconds": round(seconds_more, 2),
         "local_more_units_per_s": round(more["decided"] / seconds_more, 2), "batch_size": args.batch_size,
-        "identity": identity, "run": local,
+        "identity": identity, "run": local, "ray": ray_runs,
         "note": "local_units_per_s is the wall time of the whole command (start-up, planning, read, decode, "
                 "score, write); model_units_per_s the scoring forward alone on prepared batches",
     }}

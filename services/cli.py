@@ -606,8 +606,18 @@ def cmd_rescore(args: argparse.Namespace) -> int:
                               f"need: {minimum_budget(serving.model)} model evaluations per unit")
         reporter = StreamReporter(args.out / "reports", units=args.explain_units, level=2, budget=args.budget,
                                   seed=0)
-    result = rescore_local(args.history, serving, args.out, batch_size=args.batch_size, expected=expected,
-                           progress=not args.no_progress, reporter=reporter)
+    if args.engine == "ray":
+        if reporter is not None:
+            raise ConfigError("--explain 2 runs with the local engine only (reports are written by the scoring "
+                              "process); re-score with --engine local, or explain the flipped units afterwards")
+        from services.rescore import rescore_ray
+
+        result = rescore_ray(args.history, args.store, serving.version, args.out, address=args.address,
+                             workers=args.workers, device=str(serving.device.type), precision=args.precision,
+                             expected=expected)
+    else:
+        result = rescore_local(args.history, serving, args.out, batch_size=args.batch_size, expected=expected,
+                               progress=not args.no_progress, reporter=reporter)
     summary = result.to_dict()
     summary.pop("rejected")
     summary.pop("rejected_reading_list")
@@ -617,8 +627,15 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
         if args.compare:
             other = load_serving_model(store, args.compare, resolve_device(args.device), args.precision)
-            rescore_local(args.history, other, args.out, batch_size=args.batch_size, expected=expected,
-                          progress=not args.no_progress)
+            if args.engine == "ray":
+                from services.rescore import rescore_ray
+
+                rescore_ray(args.history, args.store, other.version, args.out, address=args.address,
+                            workers=args.workers, device=str(other.device.type), precision=args.precision,
+                            expected=expected)
+            else:
+                rescore_local(args.history, other, args.out, batch_size=args.batch_size, expected=expected,
+                              progress=not args.no_progress)
             old = read_decisions(args.out, model_version=other.version)
         else:
             old = recorded_decisions(args.decisions)
@@ -872,7 +889,12 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--store", required=True, help="the model store, e.g. models/composite")
     rs.add_argument("--model", help="the version to score with (default: the promoted one)")
     rs.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    rs.add_argument("--batch-size", type=int, default=64, help="units per scoring forward")
+    rs.add_argument("--batch-size", type=int, default=64, help="units per scoring forward (local engine)")
+    rs.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local: one process, overlapped read/score/write; ray: Ray Data over an actor pool that "
+                         "holds the model (pip install 'inspection[ray]')")
+    rs.add_argument("--address", help="ray: join this cluster (host:port or ray://...); default: start a local one")
+    rs.add_argument("--workers", type=int, default=2, help="ray: actors holding the model (one GPU each on CUDA)")
     rs.add_argument("--expected", help="comma-separated modalities a unit should have (default all three); the "
                                        "absent ones are listed as missing, as the stream's join.expected does")
     rs.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -22,7 +22,9 @@ for that model version (resume). Memory is bounded: a few batches in flight and 
 partition, whatever the history size.
 
 The local engine overlaps reading and decoding (a thread), scoring (the calling thread) and writing (a
-thread) through bounded queues.
+thread) through bounded queues. The Ray engine (:func:`rescore_ray`) spreads the scoring over Ray Data actors
+that each hold the model, one task per (file, row group), and writes through the same partition writer on the
+driver, so both engines write the same partitions, rows and order.
 """
 
 from __future__ import annotations
@@ -447,46 +449,71 @@ def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingMo
     return result
 
 
-def _score_batch(serving: ServingModel, batch: list[_Item], expected: Sequence[str], pool, result: RescoreResult,
-                 writes: queue.Queue, reporter: Any = None) -> None:
+@dataclass
+class _Outcome:
+    """What scoring a batch of history rows gave: decision rows per partition, rows accounted per partition (a
+    partition is complete when all its planned rows are), rejections, decided count."""
+
+    rows: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
+    accounted: Counter = field(default_factory=Counter)
+    rejected: list[Rejected] = field(default_factory=list)
+    rejected_readings: list[Rejected] = field(default_factory=list)
+    decided: int = 0
+
+
+def _score_items(serving: ServingModel, batch: list[_Item], expected: Sequence[str], pool,
+                 reporter: Any = None) -> _Outcome:
+    out = _Outcome()
     good: list[tuple[_Item, JoinedUnit]] = []
-    accounted: Counter = Counter()
     for item in batch:
         if item.error is not None:
-            result.rejected.append(Rejected(item.file, item.row, item.unit_id, item.error.reason.value,
-                                            item.error.detail))
+            out.rejected.append(Rejected(item.file, item.row, item.unit_id, item.error.reason.value,
+                                         item.error.detail))
         elif item.key is None:
-            result.rejected.append(Rejected(item.file, item.row, item.unit_id, "no_partition",
-                                            "the row has no line id or no readable event time"))
+            out.rejected.append(Rejected(item.file, item.row, item.unit_id, "no_partition",
+                                         "the row has no line id or no readable event time"))
         else:
             try:
                 good.append((item, joined_from_archive(item.archived, expected)))
                 continue
             except ValueError as exc:
-                result.rejected.append(Rejected(item.file, item.row, item.unit_id, "no_input_coordinates", str(exc)))
+                out.rejected.append(Rejected(item.file, item.row, item.unit_id, "no_input_coordinates", str(exc)))
         if item.key is not None:
-            accounted[item.key] += 1
-    rows: dict[tuple[str, str], list[dict]] = {}
+            out.accounted[item.key] += 1
     if good:
         scored = score_units(serving, [j for _, j in good], executor=pool).scored
         links = _reports(serving, reporter, good, scored) if reporter is not None else {}
         for (item, _), s in zip(good, scored, strict=True):
             for letter in s.dead:
                 modality = next((m for m, c in item.archived.inputs.items() if c == letter.coordinate), None)
-                result.rejected_readings.append(Rejected(item.file, item.row, item.unit_id, letter.reason,
-                                                         letter.detail, modality))
-            accounted[item.key] += 1
+                out.rejected_readings.append(Rejected(item.file, item.row, item.unit_id, letter.reason,
+                                                      letter.detail, modality))
+            out.accounted[item.key] += 1
             if s.decision is None:
-                result.rejected.append(Rejected(item.file, item.row, item.unit_id, "not_scored",
-                                                "no reading of the unit could be scored"))
+                out.rejected.append(Rejected(item.file, item.row, item.unit_id, "not_scored",
+                                             "no reading of the unit could be scored"))
                 continue
             decision = s.decision
             if decision.id in links:
                 decision = dataclasses.replace(decision, report_url=links[decision.id])
-            rows.setdefault(item.key, []).append(decision_row(decision, item.file, item.row))
-            result.decided += 1
-    for key, n in accounted.items():
-        writes.put((key, rows.get(key, []), n))
+            out.rows.setdefault(item.key, []).append(decision_row(decision, item.file, item.row))
+            out.decided += 1
+    return out
+
+
+def _apply(outcome: _Outcome, result: RescoreResult, deliver: Callable[[tuple[str, str], list[dict], int], None]
+           ) -> None:
+    result.rejected.extend(outcome.rejected)
+    result.rejected_readings.extend(outcome.rejected_readings)
+    result.decided += outcome.decided
+    for key, n in outcome.accounted.items():
+        deliver(key, outcome.rows.get(key, []), n)
+
+
+def _score_batch(serving: ServingModel, batch: list[_Item], expected: Sequence[str], pool, result: RescoreResult,
+                 writes: queue.Queue, reporter: Any = None) -> None:
+    _apply(_score_items(serving, batch, expected, pool, reporter), result,
+           lambda key, rows, n: writes.put((key, rows, n)))
 
 
 def _reports(serving: ServingModel, reporter: Any, good: list[tuple[_Item, JoinedUnit]], scored: list) -> dict:
@@ -641,3 +668,148 @@ def audit(decision_id: str, history: str | Path | Sequence[str | Path], store_ro
         raise RescoreError(f"unit {item.unit.unit_id} could not be scored again: "
                            f"{[d.detail for d in scored.dead]}")
     return AuditResult(decision_id, item.unit.unit_id, version, str(f), row, recorded, scored.decision, tolerance)
+
+
+# ------------------------------------------------------------------------------------------- ray engine
+def _outcome_to_json(outcome: _Outcome) -> str:
+    def row(r: dict) -> dict:
+        return {**r, "event_time": r["event_time"].isoformat()}
+
+    return json.dumps({
+        "rows": [[list(k), [row(r) for r in rs]] for k, rs in outcome.rows.items()],
+        "accounted": [[list(k), n] for k, n in outcome.accounted.items()],
+        "rejected": [vars(r) for r in outcome.rejected],
+        "rejected_readings": [vars(r) for r in outcome.rejected_readings],
+        "decided": outcome.decided,
+    })
+
+
+def _outcome_from_json(text: str) -> _Outcome:
+    data = json.loads(text)
+    out = _Outcome(decided=data["decided"])
+    for k, rs in data["rows"]:
+        out.rows[tuple(k)] = [{**r, "event_time": datetime.fromisoformat(r["event_time"])} for r in rs]
+    for k, n in data["accounted"]:
+        out.accounted[tuple(k)] = n
+    out.rejected = [Rejected(**r) for r in data["rejected"]]
+    out.rejected_readings = [Rejected(**r) for r in data["rejected_readings"]]
+    return out
+
+
+class _RayScorer:
+    """A Ray actor holding the model: scores the history rows of (file, row group) tasks."""
+
+    def __init__(self, store_root: str, version: str, device: str, precision: str, expected: list[str],
+                 threads: int) -> None:
+        import torch
+
+        from inspection.store import ModelStore
+        from services.scoring import load_serving_model
+
+        torch.set_num_threads(threads)
+        self.serving = load_serving_model(ModelStore(store_root, create=False), version, torch.device(device),
+                                          precision)
+        self.expected = expected
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from inspection.data.history import iter_history_row_group
+
+        outs = []
+        for file, group, keys in zip(batch["file"], batch["group"], batch["keys"], strict=True):
+            keys = json.loads(keys)
+            items = []
+            for row, unit_id, item in iter_history_row_group(file, int(group)):
+                key = keys.get(str(row))
+                if key == "done":
+                    continue
+                err = item if isinstance(item, RecordError) else None
+                items.append(_Item(str(file), row, tuple(key) if key else None, unit_id, None if err else item, err))
+            outs.append(_outcome_to_json(_score_items(self.serving, items, self.expected, None)))
+        return {"outcome": np.array(outs, dtype=object)}
+
+
+def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Path, version: str, out: str | Path,
+                *, address: str | None = None, workers: int = 2, device: str = "cpu", precision: str = "auto",
+                expected: Sequence[str] = MODALITIES, threads_per_worker: int = 1) -> RescoreResult:
+    """Re-score history on Ray Data: the same plan, scoring and partition writing as :func:`rescore_local`, with
+    the scoring spread over a pool of ``workers`` actors that each hold the model (one GPU each on CUDA).
+
+    The driver plans the partitions and turns every (file, row group) into a task; ``map_batches`` runs the
+    tasks on the actor pool (in order, so the output is the local engine's); the driver streams the results into
+    the same partition writer, which publishes a partition only once it is complete. ``address`` joins an
+    existing cluster (``ray://`` or ``host:port``); without it a local one is started.
+    """
+    import pyarrow.parquet as pqm
+
+    try:
+        import ray
+    except ImportError as exc:
+        raise RescoreError("the ray engine needs Ray: pip install 'inspection[ray]' (or use --engine local)") from exc
+
+    from inspection.store import ModelStore
+    from services.scoring import load_serving_model
+
+    t0 = time.monotonic()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    files, keys, planned, unreadable = plan(history_files(history))
+    done = {k for k in planned if partition_dir(root, version, k).is_dir()}
+    base = root / "decisions" / f"model_version={version}"
+    if base.is_dir():
+        for stale in base.glob(f"{_PARTIAL}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    import torch
+
+    serving = load_serving_model(ModelStore(store_root, create=False), version, torch.device("cpu"))
+    result = RescoreResult(root, version, serving.threshold_version, [str(f) for f in files], engine="ray")
+    del serving
+    result.rejected.extend(unreadable)
+    result.unreadable_files = [r.file for r in unreadable]
+    result.units_in_history = sum(len(k) for k in keys)
+    result.partitions_skipped = len(done)
+    tasks = []
+    for f, per_row in zip(files, keys, strict=True):
+        meta = pqm.ParquetFile(f).metadata
+        first = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            marks = {}
+            for row in range(first, first + n):
+                k = per_row[row] if row < len(per_row) else None
+                if k in done:
+                    marks[str(row)] = "done"
+                    result.skipped_done += 1
+                else:
+                    marks[str(row)] = list(k) if k else None
+            first += n
+            tasks.append({"file": str(f), "group": g, "keys": json.dumps(marks)})
+    writer = _PartitionWriter(root, version, uuid.uuid4().hex[:12],
+                              Counter({k: n for k, n in planned.items() if k not in done}))
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": max(workers, 1)}))
+        started = True
+    complete = False
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        if tasks:
+            ds = ray.data.from_items(tasks).map_batches(
+                _RayScorer, batch_size=1, concurrency=workers,
+                fn_constructor_args=(str(store_root), version, device, precision, list(expected), threads_per_worker),
+                **({"num_gpus": 1} if device == "cuda" else {"num_cpus": 1}))
+            for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+                for text in batch["outcome"]:
+                    _apply(_outcome_from_json(text), result, writer.add)
+        complete = True
+    finally:
+        writer.close(complete)
+        if started:
+            ray.shutdown()
+    result.partitions_written = len(writer.finished)
+    result.seconds = time.monotonic() - t0
+    _write_json(root / "run.json", result.to_dict())
+    return result

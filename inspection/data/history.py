@@ -192,6 +192,22 @@ def iter_history_rows(path: Path | str, *, limits: CodecLimits | None = None,
             row_no += 1
 
 
+def iter_history_row_group(path: Path | str, group: int, *, limits: CodecLimits | None = None
+                           ) -> Iterator[tuple[int, str | None, ArchivedUnit | RecordError]]:
+    """The rows of one row group of a history file, as :func:`iter_history_rows` yields them (row numbers
+    counted from the file's start), for engines that split a file by row group."""
+    pf = _open(Path(path))
+    limits = limits or CodecLimits()
+    first = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+    for i, row in enumerate(pf.read_row_group(group).to_pylist()):
+        try:
+            yield first + i, row.get("unit_id"), _unit_from_row(row, limits)
+        except RecordError as exc:
+            yield first + i, row.get("unit_id"), exc
+        except (KeyError, TypeError, ValueError) as exc:
+            yield first + i, row.get("unit_id"), RecordError(Reason.BAD_SHAPE, f"{type(exc).__name__}: {exc}")
+
+
 def history_index(path: Path | str) -> list[tuple[str | None, datetime | None]]:
     """Per row of a history file, its line and its unit's event time (the latest ``ce_time`` of its readings),
     read from the header columns alone (no payload is read or decoded); ``None`` where a row lacks them."""

@@ -284,3 +284,23 @@ def test_global_view_over_decision_history(stream_run, serving, tmp_path):
     page = (tmp_path / "view" / "index.html").read_text()
     assert page.count("<tr data-line=") == len(decisions)
     assert summarize([])["units"] == 0
+
+
+def test_the_ray_engine_writes_what_the_local_engine_writes(stream_run, serving_store, serving, tmp_path):
+    from services.rescore import rescore_ray
+
+    archive, decisions, _ = stream_run
+    local = rescore_local(archive, serving, tmp_path / "local", progress=False)
+    remote = rescore_ray(archive, serving_store, serving.version, tmp_path / "ray", workers=2)
+    assert (remote.decided, remote.partitions_written, len(remote.rejected)) == \
+        (local.decided, local.partitions_written, len(local.rejected)) == (len(decisions), local.partitions_written, 0)
+    for part in sorted((tmp_path / "local" / "decisions").rglob("*.parquet")):
+        other = tmp_path / "ray" / part.relative_to(tmp_path / "local")
+        a, b = pq.read_table(part).to_pylist(), pq.read_table(other).to_pylist()
+        assert [r["decision_id"] for r in a] == [r["decision_id"] for r in b]  # same rows, same order
+        for x, y in zip(a, b, strict=True):
+            assert (x["decision"], x["defect_class"], x["source_file"], x["source_row"]) == \
+                (y["decision"], y["defect_class"], y["source_file"], y["source_row"])
+            assert abs(x["score"] - y["score"]) <= SCORE_TOLERANCE
+    run = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert run["engine"] == "ray" and run["decided"] == len(decisions)
