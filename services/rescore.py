@@ -266,6 +266,7 @@ class RescoreResult:
     seconds: float = 0.0
     engine: str = "local"
     unreadable_files: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
 
     @property
     def units_per_s(self) -> float:
@@ -273,7 +274,8 @@ class RescoreResult:
 
     def to_dict(self) -> dict:
         return {
-            "schema": RUN_SCHEMA, "engine": self.engine, "out": str(self.out), "model_version": self.model_version,
+            "schema": RUN_SCHEMA, "engine": self.engine, "config": self.config, "out": str(self.out),
+            "model_version": self.model_version,
             "threshold_version": self.threshold_version, "history_files": self.files,
             "unreadable_files": self.unreadable_files,
             "units_in_history": self.units_in_history, "decided": self.decided, "skipped_done": self.skipped_done,
@@ -369,6 +371,12 @@ def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingMo
         for stale in base.glob(f"{_PARTIAL}*"):  # left by an interrupted run
             shutil.rmtree(stale, ignore_errors=True)
     result = RescoreResult(root, version, serving.threshold_version, [str(f) for f in files])
+    result.config = {"engine": "local", "batch_size": batch_size, "expected": list(expected),
+                     "device": str(serving.device), "precision": serving.precision,
+                     "prepare_workers": prepare_workers or min(8, os.cpu_count() or 1),
+                     "explain_level": 2 if reporter is not None else 1,
+                     **({"reports": {"dir": str(reporter.dir), "units": reporter.units, "budget": reporter.budget,
+                                     "seed": reporter.seed}} if reporter is not None else {})}
     result.rejected.extend(unreadable)
     result.unreadable_files = [r.file for r in unreadable]
     result.units_in_history = sum(len(k) for k in keys)
@@ -764,6 +772,8 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
 
     serving = load_serving_model(ModelStore(store_root, create=False), version, torch.device("cpu"))
     result = RescoreResult(root, version, serving.threshold_version, [str(f) for f in files], engine="ray")
+    result.config = {"engine": "ray", "address": address, "workers": workers, "device": device,
+                     "precision": precision, "expected": list(expected), "threads_per_worker": threads_per_worker}
     del serving
     result.rejected.extend(unreadable)
     result.unreadable_files = [r.file for r in unreadable]

@@ -32,7 +32,7 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_topics_produce_consume_and_archive(broker, tmp_path):
+def test_topics_produce_consume_and_archive(broker, serving_store, tmp_path):
     prefix = f"cli{uuid.uuid4().hex[:8]}."
     b = broker.bootstrap
     created = run("topics", "create", "--bootstrap", b, "--topic-prefix", prefix, "--partitions", "2")
@@ -67,6 +67,18 @@ def test_topics_produce_consume_and_archive(broker, tmp_path):
     again = run("produce", "--bootstrap", b, "--topic-prefix", prefix, "--history", str(archive))
     assert again.returncode == 0, again.stderr
     assert last_json(again.stdout)["sent"] == {"vision": 30, "vibration": 30}
+
+    # the archive re-scores: every unit decided, temperature listed as missing (it was never sent)
+    from services.rescore import read_decisions
+
+    rescored = run("rescore", "--history", str(archive), "--store", str(serving_store), "--out",
+                   str(tmp_path / "rescore"), "--device", "cpu", "--no-progress")
+    assert rescored.returncode == 0, rescored.stderr
+    summary = last_json(rescored.stdout)
+    assert summary["decided"] == 30 and summary["rejected_rows"] == 0
+    decisions = list(read_decisions(tmp_path / "rescore"))
+    assert {d.unit_id for d in decisions} == {a.unit.unit_id for a in archived}
+    assert all(d.present == ("vision", "vibration") and d.missing == ("temperature",) for d in decisions)
 
 
 def test_errors_are_explained_with_exit_code_2(tmp_path):

@@ -113,6 +113,7 @@ def test_rescoring_the_streams_archive_reproduces_its_decisions(stream_run, serv
                for p in parts)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["decided"] == 40 and run["model_version"] == serving.version and run["rejected_rows"] == 0
+    assert run["config"]["batch_size"] == 7 and run["config"]["engine"] == "local"  # the run's resolved config
 
 
 def test_an_interrupted_run_leaves_no_partial_partition_and_the_next_one_resumes(stream_run, serving, tmp_path):
