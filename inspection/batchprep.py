@@ -40,7 +40,7 @@ _SILENT_RMS_G = 1e-9  # as inspection.preprocess: a channel quieter than this is
 
 
 # ------------------------------------------------------------------------------------------ grid plans
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _GridPlan:
     """How the ``F`` bins of an rfft land on an ``n_bins`` Hz grid: averages of the bins inside each grid bin,
     then grid bins with no FFT bin (finer than the resolution, below Nyquist) interpolated from the filled
@@ -76,20 +76,17 @@ def _grid_plan(n: int, rate_hz: float, f_max: float, n_bins: int) -> _GridPlan:
 
 def _to_grid(spec: Tensor, plan: _GridPlan) -> Tensor:
     """``spec [R, F]`` -> ``[R, n_bins]`` (see :class:`_GridPlan`)."""
-    device, dtype = spec.device, spec.dtype
-    out = torch.zeros(spec.shape[0], plan.n_bins, device=device, dtype=dtype)
-    out.index_add_(1, torch.as_tensor(plan.index, device=device), spec[:, torch.as_tensor(plan.keep, device=device)])
-    counts = torch.as_tensor(plan.counts, device=device, dtype=dtype)
-    out = out / counts.clamp(min=1.0)
+    t = _on_device(plan, spec.device, spec.dtype)
+    out = torch.zeros(spec.shape[0], plan.n_bins, device=spec.device, dtype=spec.dtype)
+    out.index_add_(1, t["index"], spec[:, t["keep"]])
+    out = out / t["counts"]
     if plan.targets.size:
-        filled = torch.as_tensor(plan.filled, device=device)
-        w = torch.as_tensor(plan.weights, device=device, dtype=dtype)
-        out[:, torch.as_tensor(plan.targets, device=device)] = out[:, filled] @ w
+        out[:, t["targets"]] = out[:, t["filled"]] @ t["weights"]
     return out
 
 
 # ---------------------------------------------------------------------------------------- resampling
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _ResamplePlan:
     up: int
     down: int
@@ -144,11 +141,24 @@ def _resample(x: Tensor, plan: _ResamplePlan, length: int) -> Tensor:
         first = plan.start * down
         span = (want - 1) * down + k
         padded = torch.nn.functional.pad(xu, (k - 1, max(0, first + span - (k - 1) - xu.shape[1])))
-        weight = torch.as_tensor(taps[::-1].copy(), dtype=x.dtype, device=x.device).view(1, 1, k)
+        weight = _on_device(plan, x.device, x.dtype)["taps"]
         y = torch.nn.functional.conv1d(padded[:, first:first + span].unsqueeze(1), weight, stride=down)[:, 0]
     if y.shape[1] >= length:
         return y[:, :length]
     return torch.nn.functional.pad(y, (0, length - y.shape[1]))
+
+
+@functools.lru_cache(maxsize=128)
+def _on_device(plan: _GridPlan | _ResamplePlan, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A plan's arrays as tensors on ``device``, made once per plan, device and dtype rather than on every batch
+    (on a GPU each would be a host-to-device copy). Plans are cached themselves, so they compare by identity."""
+    if isinstance(plan, _ResamplePlan):
+        return {"taps": torch.as_tensor(plan.taps[::-1].copy(), dtype=dtype, device=device).view(1, 1, -1)}
+    return {"index": torch.as_tensor(plan.index, device=device), "keep": torch.as_tensor(plan.keep, device=device),
+            "counts": torch.as_tensor(plan.counts, device=device, dtype=dtype).clamp(min=1.0),
+            "filled": torch.as_tensor(plan.filled, device=device),
+            "targets": torch.as_tensor(plan.targets, device=device),
+            "weights": torch.as_tensor(plan.weights, device=device, dtype=dtype)}
 
 
 # ------------------------------------------------------------------------------------------ waveform

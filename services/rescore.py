@@ -757,7 +757,6 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
         raise RescoreError("the ray engine needs Ray: pip install 'inspection[ray]' (or use --engine local)") from exc
 
     from inspection.store import ModelStore
-    from services.scoring import load_serving_model
 
     t0 = time.monotonic()
     root = Path(out)
@@ -768,13 +767,12 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
     if base.is_dir():
         for stale in base.glob(f"{_PARTIAL}*"):
             shutil.rmtree(stale, ignore_errors=True)
-    import torch
-
-    serving = load_serving_model(ModelStore(store_root, create=False), version, torch.device("cpu"))
-    result = RescoreResult(root, version, serving.threshold_version, [str(f) for f in files], engine="ray")
+    card = ModelStore(store_root, create=False).get(version).card  # the actors load the model; the driver only
+    if not card.get("threshold_version"):                            # needs what the decisions say about it
+        raise RescoreError(f"model {version} in {store_root} has no calibrated thresholds; calibrate it first")
+    result = RescoreResult(root, version, str(card["threshold_version"]), [str(f) for f in files], engine="ray")
     result.config = {"engine": "ray", "address": address, "workers": workers, "device": device,
                      "precision": precision, "expected": list(expected), "threads_per_worker": threads_per_worker}
-    del serving
     result.rejected.extend(unreadable)
     result.unreadable_files = [r.file for r in unreadable]
     result.units_in_history = sum(len(k) for k in keys)

@@ -416,11 +416,12 @@ class StreamService:
                                   f"{serving.version} need at least {least} model evaluations per unit")
         warm = self.config.model.warm_up
         warmed = bool(warm or (warm is None and self._device.type == "cuda"))
-        if warmed:
+        batching = self.config.batching
+        tune = bool(batching.tune or (batching.tune is None and warmed))
+        if warmed and not tune:  # tuning runs every batch size from 1 to max_batch: it warms the model up too
             seconds = warm_up(serving, sorted({self.config.batching.max_batch, 1}, reverse=True))
             log.info("model %s warmed up on %s in %.1f s", serving.version, self._device, seconds)
-        batching = self.config.batching
-        if batching.tune or (batching.tune is None and warmed):
+        if tune:
             size, rates = tune_batch_size(serving, batching.max_batch)
             log.info("model %s: batches of at most %d units (units/s by batch size: %s)", serving.version, size,
                      ", ".join(f"{n}: {r:.0f}" for n, r in rates.items()))
