@@ -83,7 +83,7 @@ def benchmark_model_store(arch: str, store: str | None, device: str, workdir: Pa
 
     torch.manual_seed(0)
     config = default_model_config("composite", image_size=128)
-    model = InspectionModel(config)
+    model = InspectionModel(config, pretrained_weights=False)  # throughput only: random weights do
     units = CompositeBuilder(CompositeConfig(seed=0)).units("train", 200)
     batch = model.batch(units)
     model.fit_normalisation(batch)

@@ -124,7 +124,7 @@ def _with_thresholds(model: InspectionModel, thresholds: dict[str, float], metho
     their :class:`Calibration`, versioned by a hash of thresholds and method."""
     lines = (DEFAULT_LINE, *sorted(k for k in thresholds if k != DEFAULT_LINE))
     if lines != model.config.lines:
-        new = InspectionModel(replace(model.config, lines=lines))
+        new = InspectionModel(replace(model.config, lines=lines), pretrained_weights=False)
         state = {k: v for k, v in model.state_dict().items() if k != "thresholds"}
         new.load_state_dict(state, strict=False)
         model = new

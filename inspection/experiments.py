@@ -56,8 +56,7 @@ def _data_card(data: BenchData, val_fraction: float | None = None) -> dict:
 def load_model(store: ModelStore, version: str) -> tuple[InspectionModel, dict]:
     """A stored model (hash-verified) in eval mode, and a mutable copy of its card."""
     state, card = store.load(version)
-    model = InspectionModel(ModelConfig.from_dict(card["model_config"]))
-    model.load_state_dict(state)
+    model = InspectionModel.from_state(ModelConfig.from_dict(card["model_config"]), state)
     model.eval()
     return model, card
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -38,11 +38,16 @@ class EncoderSpec:
     name: str
     config: dict = field(default_factory=dict)
 
-    def build(self, dim: int) -> Encoder:
+    def build(self, dim: int, pretrained_weights: bool = True) -> Encoder:
+        """The encoder; ``pretrained_weights=False`` skips loading published weights (a backbone's ImageNet
+        weights) where the config asks for them: for an encoder whose weights come from a saved state."""
         if self.name not in ENCODERS:
             raise ConfigError(f"unknown encoder {self.name!r}; known: {sorted(ENCODERS)}")
         cfg_cls = ENCODERS[self.name][1]
-        return create_encoder(self.name, from_dict(cfg_cls, {**self.config, "embed_dim": dim}, f"encoder {self.name}"))
+        values = {**self.config, "embed_dim": dim}
+        if not pretrained_weights and "pretrained" in {f.name for f in fields(cfg_cls)}:
+            values["pretrained"] = False
+        return create_encoder(self.name, from_dict(cfg_cls, values, f"encoder {self.name}"))
 
 
 @dataclass(frozen=True)
@@ -161,11 +166,14 @@ class ModelOutput:
 class InspectionModel(nn.Module):
     """The fusion model (see the module docstring)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, pretrained_weights: bool = True) -> None:
+        """``pretrained_weights=False``: do not load published backbone weights (the model's weights will come
+        from a saved state dict; see :meth:`from_state`). ``config`` is kept as given either way."""
         super().__init__()
         self.config = config
         dim = config.bridge.dim
-        self.encoders = nn.ModuleDict({m: config.encoders[m].build(dim) for m in config.modalities})
+        self.encoders = nn.ModuleDict({m: config.encoders[m].build(dim, pretrained_weights)
+                                       for m in config.modalities})
         for m, enc in self.encoders.items():
             if enc.modality != m:
                 raise ConfigError(f"encoder {config.encoders[m].name!r} reads {enc.modality}, not {m}")
@@ -178,6 +186,14 @@ class InspectionModel(nn.Module):
                                              for m in config.modalities})
         self.register_buffer("thresholds", torch.full((len(config.lines),), float("nan")))
         self._line_slots = {line: i for i, line in enumerate(config.lines)}
+
+    @classmethod
+    def from_state(cls, config: ModelConfig, state: Mapping[str, Tensor]) -> InspectionModel:
+        """A model rebuilt from its config and a saved state dict (every tensor must match). Published backbone
+        weights are not loaded first: the state holds every weight, so a scoring host needs no weight package."""
+        model = cls(config, pretrained_weights=False)
+        model.load_state_dict(state)
+        return model
 
     # ------------------------------------------------------------------------------------------ inputs
     def prepare(self, unit: Unit) -> dict[str, dict[str, np.ndarray]]:

@@ -287,6 +287,7 @@ def _attention_fwd_kernel(
     Row r is query ``r % Q`` under mask ``r // Q``. Writes the output, the base-2 log-sum-exp of the scaled
     scores (+inf for a row with no visible key) and, with TOP_K, the raw-score threshold of each row.
     """
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # a float argument is fp64 when torch.compile launches the kernel
     pid = tl.program_id(0)
     pid_m = pid % n_row_blocks  # row blocks of one (b, h) are adjacent: they share K/V tiles through L2
     pid_bh = pid // n_row_blocks
@@ -405,6 +406,8 @@ def _attention_bwd_kernel(
     the queries, so it is the tile's only writer) or added into float32 buffers (ATOMIC=True). dq, dk and dv
     are contiguous [B, H, *, Dh].
     """
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 when torch.compile launches the kernel
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     pid = tl.program_id(0)
     pid_m = pid % n_row_blocks
     pid_bh = pid // n_row_blocks
@@ -527,6 +530,7 @@ def _group_coalition_kernel(
     normalised output and ``w_g = 2^(lse_g - max lse)``: the softmax over the union of their keys; zero rows
     where no member group has a visible key.
     """
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # fp64 when torch.compile launches the kernel
     b, h, i, row_ok, d, d_ok, q, k_base, v_base, pad_base = _group_program(
         q_ptr, k_ptr, v_ptr, pad_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
         stride_pb, n_heads, n_queries, head_dim, n_row_blocks, BLOCK_M, BLOCK_D)

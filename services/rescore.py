@@ -267,10 +267,22 @@ class RescoreResult:
     engine: str = "local"
     unreadable_files: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    #: monotonic clock at the start of the run; seconds from it to the first scored batch, and that batch's units
+    started: float = field(default_factory=time.monotonic)
+    first_result_s: float | None = None
+    first_decided: int = 0
 
     @property
     def units_per_s(self) -> float:
         return self.decided / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def units_per_s_after_start(self) -> float | None:
+        """Throughput once scoring runs: the units decided after the first batch over the time after it (start-up
+        -- a Ray cluster, model loads, planning -- excluded)."""
+        if self.first_result_s is None or self.seconds <= self.first_result_s:
+            return None
+        return (self.decided - self.first_decided) / (self.seconds - self.first_result_s)
 
     def to_dict(self) -> dict:
         return {
@@ -285,6 +297,9 @@ class RescoreResult:
             "rejected": [r.to_dict() for r in self.rejected[:1000]],
             "rejected_reading_list": [r.to_dict() for r in self.rejected_readings[:1000]],
             "seconds": round(self.seconds, 3), "units_per_s": round(self.units_per_s, 2),
+            "seconds_to_first_result": None if self.first_result_s is None else round(self.first_result_s, 3),
+            "units_per_s_after_start": (None if self.units_per_s_after_start is None
+                                        else round(self.units_per_s_after_start, 2)),
         }
 
 
@@ -371,6 +386,7 @@ def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingMo
         for stale in base.glob(f"{_PARTIAL}*"):  # left by an interrupted run
             shutil.rmtree(stale, ignore_errors=True)
     result = RescoreResult(root, version, serving.threshold_version, [str(f) for f in files])
+    result.started = t0
     result.config = {"engine": "local", "batch_size": batch_size, "expected": list(expected),
                      "device": str(serving.device), "precision": serving.precision,
                      "prepare_workers": prepare_workers or min(8, os.cpu_count() or 1),
@@ -514,6 +530,9 @@ def _apply(outcome: _Outcome, result: RescoreResult, deliver: Callable[[tuple[st
     result.rejected.extend(outcome.rejected)
     result.rejected_readings.extend(outcome.rejected_readings)
     result.decided += outcome.decided
+    if result.first_result_s is None and outcome.decided:
+        result.first_result_s = time.monotonic() - result.started
+        result.first_decided = outcome.decided
     for key, n in outcome.accounted.items():
         deliver(key, outcome.rows.get(key, []), n)
 
@@ -771,6 +790,7 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
     if not card.get("threshold_version"):                            # needs what the decisions say about it
         raise RescoreError(f"model {version} in {store_root} has no calibrated thresholds; calibrate it first")
     result = RescoreResult(root, version, str(card["threshold_version"]), [str(f) for f in files], engine="ray")
+    result.started = t0
     result.config = {"engine": "ray", "address": address, "workers": workers, "device": device,
                      "precision": precision, "expected": list(expected), "threads_per_worker": threads_per_worker}
     result.rejected.extend(unreadable)

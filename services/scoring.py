@@ -118,8 +118,7 @@ def load_serving_model(store: ModelStore, version: str | None, device: torch.dev
         raise StoreError(f"version {entry.version} in {store.root} has no model_config in its card; it was not "
                          "saved by `inspection train`")
     try:
-        model = InspectionModel(ModelConfig.from_dict(card["model_config"]))
-        model.load_state_dict(state)
+        model = InspectionModel.from_state(ModelConfig.from_dict(card["model_config"]), state)
     except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
         raise StoreError(f"version {entry.version} in {store.root} cannot be rebuilt: {exc}") from exc
     if not model.calibrated:

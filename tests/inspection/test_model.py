@@ -107,6 +107,30 @@ def test_vision_encoder_loads_the_packaged_imagenet_weights(lite):
     assert enc.grid == (2, 2) and enc.n_tokens == 4  # 64 px / stride 32
 
 
+def test_a_saved_model_rebuilds_without_its_backbone_weight_package(monkeypatch):
+    """from_state takes every weight from the state dict: the published ImageNet weights are not read, so a
+    scoring host needs no weight package, and the rebuilt model computes what the saved one did."""
+    from inspection.encoders import PACKAGED_WEIGHTS
+    from inspection.model import EncoderSpec
+
+    torch.manual_seed(0)
+    config = ModelConfig(encoders={"vision": EncoderSpec("vision", {"preprocess": {"image_size": 64}})},
+                         bridge=BridgeConfig(dim=DIM, n_queries=2, n_heads=2, n_layers=1, dropout=0.0))
+    saved = InspectionModel(config)  # pretrained: ImageNet weights loaded from the package
+    assert config.encoders["vision"].config.get("pretrained", True)
+
+    def unavailable(backbone):
+        raise AssertionError("the packaged weights were read")
+
+    monkeypatch.setitem(PACKAGED_WEIGHTS, "tf_efficientnet_lite0", unavailable)
+    rebuilt = InspectionModel.from_state(config, saved.state_dict())
+    assert rebuilt.config == config  # the card's config is kept as it was
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[name], value, equal_nan=True, **EXACT)  # NaN: uncalibrated
+    with pytest.raises(AssertionError, match="were read"):
+        InspectionModel(config)  # the plain constructor does read them
+
+
 def test_unknown_backbone_without_weights_warns_and_random_inits():
     with pytest.warns(UserWarning, match="no packaged ImageNet weights"):
         enc = create_encoder("vision", embed_dim=DIM, backbone="resnet10t", preprocess=VisionPreprocess(image_size=64))
