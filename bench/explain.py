@@ -402,6 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     model = serving.model
     log(f"model: {model_note}")
     rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    done: dict = {}  # the summary fields measured so far
+
+    def checkpoint(stage: str, **fields) -> None:
+        """Record what is measured so far, so a run stopped at a time limit still leaves its numbers."""
+        done.update(fields)
+        meta = run_metadata(command, args.device, model_note)
+        write_run(out, args.device, {"summary": {**done, **{k: meta[k] for k in ("machine", "commit", "command",
+                                                                                  "date")},
+                                                 "complete": False, "last_stage": stage},
+                                     "model": model_note, "device": args.device})
     # the composite split of the model's own data seed: its test units share no source with its training
     data_seed = int(ModelStore(store).get(serving.version).card.get("seed", 0))
 
@@ -411,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cost = level1_cost(model, pool[:32], repeats=7)
     log(f"level 1: {cost['level1_ms']:.1f} ms vs plain {cost['plain_forward_ms']:.1f} ms -> {cost['ratio']:.2f}")
+    checkpoint("level1", level1_cost_ratio=cost["ratio"])
 
     t0 = time.perf_counter()
     by_tokens = explain(model, units, level=2, budget=args.budget, masking="tokens", seed=args.seed)
@@ -419,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     by_input = explain(model, units, level=2, budget=args.budget, masking="input", seed=args.seed)
     input_ms = 1000 * (time.perf_counter() - t0) / len(units)
     log(f"level 2: tokens {tokens_ms:.0f} ms/unit, input {input_ms:.0f} ms/unit")
+    checkpoint("level2", level2_tokens_ms_per_unit=tokens_ms, level2_input_ms_per_unit=input_ms)
 
     t0 = time.perf_counter()
     explain_to_reports(model, units, workdir / "reports", level=2, budget=args.budget, seed=args.seed,
@@ -448,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                 agreement.append(rho)
     auc = {name: float(np.mean([np.mean(c) for c in cs])) for name, cs in curves.items()}
     log(f"report {report_s:.2f} s/unit, shap {np.mean(shap_s):.2f} s/image; deletion AUC {auc}")
+    checkpoint("deletion", report_vs_shap_speedup=float(np.mean(shap_s)) / report_s,
+               **{f"deletion_auc_{k}": v for k, v in auc.items()})
 
     pointing_units = [u for u in pool if u.label.defect and len(u.label.culprits) == 1]
     hits = total = 0
@@ -464,9 +479,12 @@ def main(argv: list[str] | None = None) -> int:
             hits += max(phi, key=lambda m: phi[m]) == next(iter(unit.label.culprits))
     pointing = hits / total if total else None
     log(f"modality pointing: {hits}/{total}")
+    checkpoint("modality_pointing", modality_pointing=pointing)
 
     timing = {m: time_pointing(model, data_seed, args.pointing_budget, args.seed, m) for m in ("tokens", "input")}
     log(f"time pointing: { {m: t['by_subset'] for m, t in timing.items()} }")
+    checkpoint("time_pointing", time_pointing=timing["tokens"]["time_pointing"],
+               time_pointing_input=timing["input"]["time_pointing"])
     bands = None
     if not args.no_band_pointing:
         brg = bearings_store(args.bearings_store, args.device, workdir, args.seed)
@@ -475,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         for m, b in bands.items():
             log(f"band pointing ({m}): {b['band_pointing']} (chance {b['band_pointing_chance']}), within the "
                 f"envelope {b['envelope_band_pointing']} (chance {b['envelope_band_pointing_chance']})")
+        checkpoint("band_pointing", band_pointing=bands["tokens"]["band_pointing"],
+                   band_pointing_input=bands["input"]["band_pointing"])
 
     stream = None
     if args.stream_units:
@@ -505,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_vs_input_rank_agreement": float(np.mean(agreement)) if agreement else None,
         "stream_cost_ratio": stream["ratio"] if stream else None,
         **{k: meta[k] for k in ("machine", "commit", "command", "date")},
+        "complete": True,
     }
     result = {
         "summary": summary,
@@ -524,15 +545,19 @@ def main(argv: list[str] | None = None) -> int:
         "stream": stream,
         "notes": "composite units pair real readings; the pairing is constructed",
     }
-    out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.exists() else {}
-    runs = previous.get("runs", {})
-    runs[args.device] = result
-    top = {"summary": summary, "runs": runs}
-    out.write_text(json.dumps(top, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
-                   + "\n")
+    write_run(out, args.device, result)
     log(json.dumps(summary))
     return 0
+
+
+def write_run(out: Path, device: str, result: dict) -> None:
+    """Put one device's run into the result file beside the other device's; the top-level summary is this one's."""
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    runs = previous.get("runs", {})
+    runs[device] = result
+    top = {"summary": result["summary"], "runs": runs}
+    out.write_text(json.dumps(top, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+                   + "\n")
 
 
 if __name__ == "__main__":

@@ -267,8 +267,14 @@ def _level2_input(model: InspectionModel, unit: Unit, top: ModalityAttribution, 
                     row[m] = prepare(m, hidden)
                     present[r, MODALITIES.index(m)] = bool(on)
                 rows.append(row)
+            n = len(rows)
+            if device.type == "cuda" and n < _INPUT_CHUNK_UNITS:
+                # one batch shape for every chunk: the first encode at a new size costs seconds on CUDA
+                # (per-shape convolution plans); the copies of the last row are dropped below
+                rows.extend([rows[-1]] * (_INPUT_CHUNK_UNITS - n))
+                present = torch.cat([present, present[-1:].expand(_INPUT_CHUNK_UNITS - n, -1)])
             batch = model.collate(rows, [unit.line_id] * len(rows)).to(device)
-            logits = model.fuse(model.encode(batch), present.to(device)).defect_logit
+            logits = model.fuse(model.encode(batch), present.to(device)).defect_logit[:n]
             values.extend(logits.double().cpu().tolist())
         return values
 

@@ -593,10 +593,11 @@ def _launch_block_plan(indices: Tensor, n_experts: int, block_m: int) -> tuple[B
     indices = indices.contiguous()
     device = indices.device
     e1 = n_experts + 1
-    out = torch.empty(n_experts + 2 * e1 + 3 * n_assign, dtype=torch.int64, device=device)  # one allocation
-    counts, offsets, padded_offsets = out[:n_experts], out[n_experts:n_experts + e1], out[n_experts + e1:][:e1]
-    rest = out[n_experts + 2 * e1:]
-    sorted_token, sorted_slot, inverse = rest[:n_assign], rest[n_assign:2 * n_assign], rest[2 * n_assign:]
+    # one tensor per output, not views of one buffer: under torch.compile, kernels writing into several views
+    # of one base lose their writes to copies (seen on an H200, torch 2.11: the range check read garbage)
+    empty = lambda n: torch.empty(n, dtype=torch.int64, device=device)  # noqa: E731
+    counts, offsets, padded_offsets = empty(n_experts), empty(e1), empty(e1)
+    sorted_token, sorted_slot, inverse = empty(n_assign), empty(n_assign), empty(n_assign)
     plan = BlockPlan(counts=counts, offsets=offsets, sorted_token=sorted_token, sorted_slot=sorted_slot,
                      inverse=inverse, padded_offsets=padded_offsets, block_m=block_m)
     if n_assign == 0:
@@ -607,10 +608,9 @@ def _launch_block_plan(indices: Tensor, n_experts: int, block_m: int) -> tuple[B
     block_e = block_size(n_experts, lo=16, hi=MAX_EXPERTS)
     chunk = block_size(n_assign, lo=16, hi=_PLAN_TILE_ELEMENTS // block_e)
     n_chunks = triton.cdiv(n_assign, chunk)
-    scratch = torch.empty(2 * n_chunks * n_experts + n_chunks + 1, dtype=torch.int32, device=device)
-    chunk_counts = scratch[: n_chunks * n_experts]  # [chunks * E]
-    chunk_base = scratch[n_chunks * n_experts: 2 * n_chunks * n_experts]  # [chunks * E]
-    invalid = scratch[2 * n_chunks * n_experts:]  # [chunks + 1], the total last
+    chunk_counts = torch.empty(n_chunks * n_experts, dtype=torch.int32, device=device)  # [chunks * E]
+    chunk_base = torch.empty(n_chunks * n_experts, dtype=torch.int32, device=device)  # [chunks * E]
+    invalid = torch.empty(n_chunks + 1, dtype=torch.int32, device=device)  # [chunks + 1], the total last
     _plan_histogram_kernel[(n_chunks,)](indices, chunk_counts, invalid, n_assign, n_experts, CHUNK=chunk,
                                         BLOCK_E=block_e)
     fused = n_chunks * block_e <= _PLAN_FUSED_SCAN_ELEMENTS

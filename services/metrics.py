@@ -84,6 +84,8 @@ class ServiceMetrics:
                                            registry=r)
         self.poll_errors = Counter(f"{p}poll_errors", "Failed polls of the input topics", ["error"], registry=r)
         self.reports = Counter(f"{p}reports", "Explanation reports written or failed", ["result"], registry=r)
+        self.padding_rows = Counter(f"{p}padding_rows", "Rows added to forward passes to reach a warmed batch size "
+                                    "(batching.pad)", registry=r)
         self.stage_seconds = Histogram(f"{p}stage_seconds", "Latency per pipeline stage", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{p}batch_size", "Units per forward pass", buckets=_BATCH_BUCKETS, registry=r)

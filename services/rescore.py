@@ -56,7 +56,7 @@ from inspection.data.history import ArchivedUnit, history_index, iter_history_ro
 from inspection.errors import DataError, InspectionError, RecordError
 from inspection.records import MODALITIES, Decision
 from services.join import JoinedUnit
-from services.scoring import ServingModel, score_units
+from services.scoring import ServingModel, batch_buckets, score_units
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +380,8 @@ def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingMo
     root.mkdir(parents=True, exist_ok=True)
     files, keys, planned, unreadable = plan(history_files(history))
     version = serving.version
+    if serving.device.type == "cuda" and not serving.batch_sizes:  # a partition's last batch is a new size:
+        serving = dataclasses.replace(serving, batch_sizes=batch_buckets(batch_size))  # pad, as the stream does
     done = {k for k in planned if partition_dir(root, version, k).is_dir()}
     base = root / "decisions" / f"model_version={version}"
     if base.is_dir():

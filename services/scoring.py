@@ -66,6 +66,10 @@ class ServingModel:
         threshold_version: the calibration's version (from the card, else a hash of the thresholds).
         device: where it runs.
         precision: ``fp32`` or ``bf16`` (the scoring forward under bf16 autocast; scores come out float32).
+        batch_sizes: the sizes a forward runs at: a batch is padded (its last unit repeated, the copies'
+            outputs dropped) to the smallest size that holds it. Empty: every batch runs at its own size. On
+            CUDA the first forward at a new batch size costs seconds (per-shape kernel and convolution plans),
+            so the service warms a few sizes up and pads to them (:func:`batch_buckets`).
     """
 
     model: InspectionModel
@@ -73,6 +77,7 @@ class ServingModel:
     threshold_version: str
     device: torch.device
     precision: str = "fp32"
+    batch_sizes: tuple[int, ...] = ()
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -172,11 +177,13 @@ class Scored:
 
 @dataclass
 class BatchResult:
-    """One micro-batch: per-unit results, the router statistics of its forward pass, and its timing."""
+    """One micro-batch: per-unit results, the router statistics of its forward pass, and its timing.
+    ``forward_rows``: the units the forward ran on, padding included (``forward_units`` without it)."""
 
     scored: list[Scored]
     router_stats: list[Any] = field(default_factory=list)
     forward_units: int = 0
+    forward_rows: int = 0
     seconds: float = 0.0
     prepare_seconds: float = 0.0
 
@@ -221,9 +228,10 @@ def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *,
         model = serving.model
         lines = torch.tensor([model.line_slot(res.joined.unit.line_id) for res in results], dtype=torch.long)
         batch = Batch(prepared.inputs, prepared.present, lines).to(serving.device)
+        rows = live + [live[-1]] * (padded_size(len(live), serving.batch_sizes) - len(live))
         try:
-            out.router_stats = _forward(serving, [results[i] for i in live], batch.select(live))
-            out.forward_units = len(live)
+            out.router_stats = _forward(serving, [results[i] for i in live], batch.select(rows))
+            out.forward_units, out.forward_rows = len(live), len(rows)
         except Exception as exc:  # noqa: BLE001 - isolate the unit the model cannot take
             log.warning("batched forward of %d units failed (%s: %s); scoring them one by one",
                         len(live), type(exc).__name__, exc)
@@ -231,6 +239,7 @@ def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *,
                 try:
                     out.router_stats = _forward(serving, [results[i]], batch.select([i]))
                     out.forward_units += 1
+                    out.forward_rows += 1
                 except Exception as one:  # noqa: BLE001
                     res = results[i]
                     for m in (m for m, on in zip(MODALITIES, prepared.present[i].tolist(), strict=True) if on):
@@ -311,6 +320,19 @@ def warm_up(serving: ServingModel, batch_sizes: Sequence[int] = (32, 1)) -> floa
 
 
 @torch.inference_mode()
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes the service warms up, tunes over and pads to: 1, 2, 4, ... and ``max_batch`` itself.
+    Padding to them wastes less than half of a forward, and a handful of sizes is all the device ever sees."""
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be >= 1; got {max_batch}")
+    return tuple(sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)}))
+
+
+def padded_size(n: int, sizes: Sequence[int]) -> int:
+    """The smallest of ``sizes`` that holds ``n`` units; ``n`` itself when none does (or ``sizes`` is empty)."""
+    return min((s for s in sizes if s >= n), default=n)
+
+
 def tune_batch_size(serving: ServingModel, max_batch: int, *, repeats: int = 3, share: float = 0.95,
                     clock=time.perf_counter) -> tuple[int, dict[int, float]]:
     """Measure the scoring path (batched preprocessing, encode, every coalition) on synthetic units at batch
@@ -325,7 +347,7 @@ def tune_batch_size(serving: ServingModel, max_batch: int, *, repeats: int = 3, 
         raise ConfigError(f"max_batch must be >= 1; got {max_batch}")
     model = serving.model
     example = _synthetic_readings(model)
-    sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+    sizes = batch_buckets(max_batch)
     rates: dict[int, float] = {}
     for n in sizes:
         lines = torch.full((n,), model.line_slot(DEFAULT_LINE), dtype=torch.long)

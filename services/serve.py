@@ -73,6 +73,7 @@ from services.join import JoinedUnit, LateReading, UnitJoiner
 from services.metrics import Heartbeat, OpsServer, ServiceMetrics
 from services.scoring import (
     ServingModel,
+    batch_buckets,
     load_serving_model,
     resolve_device,
     score_units,
@@ -418,8 +419,10 @@ class StreamService:
         warmed = bool(warm or (warm is None and self._device.type == "cuda"))
         batching = self.config.batching
         tune = bool(batching.tune or (batching.tune is None and warmed))
-        if warmed and not tune:  # tuning runs every batch size from 1 to max_batch: it warms the model up too
-            seconds = warm_up(serving, sorted({self.config.batching.max_batch, 1}, reverse=True))
+        pad = bool(batching.pad or (batching.pad is None and warmed))
+        if warmed and not tune:  # tuning runs every batch size of batch_buckets(max_batch): it warms them up too
+            sizes = batch_buckets(batching.max_batch) if pad else {batching.max_batch, 1}
+            seconds = warm_up(serving, sorted(sizes, reverse=True))
             log.info("model %s warmed up on %s in %.1f s", serving.version, self._device, seconds)
         if tune:
             size, rates = tune_batch_size(serving, batching.max_batch)
@@ -427,6 +430,8 @@ class StreamService:
                      ", ".join(f"{n}: {r:.0f}" for n, r in rates.items()))
         else:
             size = batching.max_batch
+        if pad:  # every forward at a size the warm-up (or tuning) already ran
+            serving = replace(serving, batch_sizes=batch_buckets(size))
         self._batch_limit = size
         self.metrics.batch_limit.set(size)
         self.metrics.set_model(serving.version, serving.threshold_version)
@@ -983,6 +988,7 @@ class StreamService:
         self.metrics.stage_seconds.labels("prepare").observe(result.prepare_seconds)
         self.metrics.stage_seconds.labels("score").observe(result.seconds)
         self.metrics.batch_size.observe(len(batch))
+        self.metrics.padding_rows.inc(result.forward_rows - result.forward_units)
         if result.router_stats:
             self.metrics.set_router_stats(result.router_stats)
         links = self._write_reports(serving, batch, result.scored)

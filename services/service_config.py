@@ -208,19 +208,25 @@ class BatchingSection:
             and form batches of at most the smallest size within 5 % of the best throughput
             (:func:`services.scoring.tune_batch_size`), so raising ``max_batch`` never slows the service. None:
             whenever the model is warmed up (on CUDA by default).
+        pad: run every forward at one of the sizes 1, 2, 4, ... up to the batch limit, padding a batch to the
+            smallest that holds it (:func:`services.scoring.batch_buckets`): the device then only sees sizes
+            the warm-up ran, where a new size costs seconds on CUDA. None: whenever the model is warmed up.
     """
 
     max_batch: int = 32
     max_delay_ms: float = 20.0
     max_queue: int = 256
     tune: bool | None = None
+    pad: bool | None = None
 
     def __post_init__(self) -> None:
         _number(self.max_batch, "batching.max_batch", low=1, high=4096, integer=True)
         _number(self.max_delay_ms, "batching.max_delay_ms", low=0, high=60_000)
         _number(self.max_queue, "batching.max_queue", low=1, integer=True)
-        if self.tune is not None and not isinstance(self.tune, bool):
-            raise ConfigError(f"batching.tune must be true, false or null; got {self.tune!r}")
+        for name in ("tune", "pad"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"batching.{name} must be true, false or null; got {value!r}")
         if self.max_queue < self.max_batch:
             raise ConfigError(f"batching.max_queue ({self.max_queue}) must be >= batching.max_batch "
                               f"({self.max_batch}), or no batch could ever fill")

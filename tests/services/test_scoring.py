@@ -107,6 +107,32 @@ def test_batch_tuning_measures_every_size_and_picks_the_smallest_near_the_best(s
     assert tune_batch_size(serving, 1, repeats=1)[0] == 1
 
 
+def test_padding_to_a_warmed_size_changes_no_decision(serving, composite_units):
+    """A batch of 5 padded to 8 rows (the last unit repeated): the same decisions, classes and attributions as
+    unpadded, scores equal up to float32 rounding (the rows share a forward with other rows), and the copies
+    leave no decision of their own."""
+    import dataclasses
+
+    from services.scoring import batch_buckets, padded_size
+
+    assert batch_buckets(12) == (1, 2, 4, 8, 12) and batch_buckets(1) == (1,)
+    assert [padded_size(n, (1, 2, 4, 8, 12)) for n in (1, 3, 5, 9, 12, 13)] == [1, 4, 8, 12, 12, 13]
+    assert padded_size(7, ()) == 7
+    units = composite_units[40:45]
+    units[2] = units[2].without("temperature")
+    joined = _joined(units)
+    plain = score_units(serving, joined)
+    padded = score_units(dataclasses.replace(serving, batch_sizes=batch_buckets(12)), joined)
+    assert (plain.forward_rows, plain.forward_units) == (5, 5)
+    assert (padded.forward_rows, padded.forward_units) == (8, 5)
+    assert len(padded.scored) == 5
+    for a, b in zip(plain.scored, padded.scored, strict=True):
+        assert (a.decision.id, a.decision.decision, a.decision.defect_class, a.decision.present) == \
+            (b.decision.id, b.decision.decision, b.decision.defect_class, b.decision.present)
+        assert b.decision.score == pytest.approx(a.decision.score, abs=1e-5)
+        assert b.attribution.phi == pytest.approx(a.attribution.phi, abs=1e-4)
+
+
 def test_bf16_autocast_scores_close_to_fp32_with_the_same_decisions_in_kind(serving_store, composite_units):
     # on CUDA the service scores under bf16 autocast by default; CPU autocast runs the same code path here
     fp32 = load_serving_model(ModelStore(serving_store), None, torch.device("cpu"), "fp32")

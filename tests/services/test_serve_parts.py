@@ -60,6 +60,8 @@ def test_the_example_config_is_valid_and_complete(tmp_path):
     ("model: {store: m, device: tpu}\n", "model.device"),
     ("model: {store: m, prepare_workers: -1}\n", "model.prepare_workers"),
     ("model: {store: m, warm_up: sometimes}\n", "warm_up"),
+    ("model: {store: m}\nbatching: {tune: 1}\n", "batching.tune"),
+    ("model: {store: m}\nbatching: {pad: 'yes'}\n", "batching.pad"),
     ("model: {store: m}\ntopics: {vision: 'bad topic'}\n", "vision"),
     ("model: {store: m}\nkafka: {group_id: ''}\n", "kafka.group_id"),
     ("model: {store: m}\nkafka: {consumer: {enable_auto_commit: true}}\n", "kafka.consumer"),
