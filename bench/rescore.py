@@ -13,8 +13,8 @@ identity with the stream.
    in batches of the same size, on the same machine: the ceiling of the engine.
 4. ``ray_1_units_per_s`` / ``ray_2_units_per_s``: ``inspection rescore --engine ray --workers 1|2`` on the
    second, larger folder (a local Ray cluster started by the command, one CPU thread per actor), whole command;
-   ``ray_2_vs_1_after_start`` the same ratio once the first result is in (cluster start, actor start and model
-   loads excluded: ``units_per_s_after_start`` of ``run.json``). ``ray_vs_local``: 2 workers against the local
+   ``ray_2_vs_1_scoring`` the same ratio from the moment the first batch began scoring (cluster start, actor
+   start and model loads excluded: ``units_per_s_scoring`` of ``run.json``). ``ray_vs_local``: 2 workers against the local
    engine on the same folder.
 5. ``identical_to_stream``: the stream service decides ``--stream-units`` units with its archive sink on, then
    ``rescore`` re-scores the archive: every decision id must come back, with the same decision and class and
@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                                     *common], workdir)
             ray_runs[workers] = {"units": got["decided"], "units_per_s": got["decided"] / secs, "seconds": secs,
                                  "engine_units_per_s": got["units_per_s"],
-                                 "seconds_to_first_result": got["seconds_to_first_result"],
-                                 "units_per_s_after_start": got["units_per_s_after_start"]}
+                                 "seconds_to_scoring": got["seconds_to_scoring"],
+                                 "units_per_s_scoring": got["units_per_s_scoring"]}
             log(f"ray engine, {workers} worker(s): {got['decided'] / secs:.1f} units/s (whole command), "
-                f"{got['units_per_s_after_start']} units/s after the first result at {got['seconds_to_first_result']} s")
+                f"{got['units_per_s_scoring']} units/s once scoring began at {got['seconds_to_scoring']} s")
     model_ups = model_only(store, small, args.batch_size, args.device)
     log(f"model only: {model_ups:.1f} units/s")
     identity = stream_identity(store, composite_units(args.stream_units, args.seed + 1), args.device, workdir)
@@ -221,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         "model_units_per_s": round(model_ups, 2),
         "local_vs_model": round(local_ups / model_ups, 4),
         "identical_to_stream": identity["identical_to_stream"],
-        "local_units_per_s_after_start": local["units_per_s_after_start"],
+        "local_units_per_s_scoring": local["units_per_s_scoring"],
         "ray_units": ray_runs[1]["units"] if ray_runs else None,
         "ray_1_units_per_s": round(ray_runs[1]["units_per_s"], 2) if ray_runs else None,
         "ray_2_units_per_s": round(ray_runs[2]["units_per_s"], 2) if ray_runs else None,
         "ray_2_vs_1": round(ray_runs[2]["units_per_s"] / ray_runs[1]["units_per_s"], 3) if ray_runs else None,
-        "ray_2_vs_1_after_start": round(ray_runs[2]["units_per_s_after_start"]
-                                        / ray_runs[1]["units_per_s_after_start"], 3) if ray_runs else None,
+        "ray_2_vs_1_scoring": round(ray_runs[2]["units_per_s_scoring"]
+                                    / ray_runs[1]["units_per_s_scoring"], 3) if ray_runs else None,
         "ray_vs_local": round(ray_runs[2]["units_per_s"] / (more["decided"] / seconds_more), 3) if ray_runs else None,
         "peak_rss_mb": round(peak, 1),
         "peak_rss_mb_more": round(peak_more, 1),

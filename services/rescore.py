@@ -267,22 +267,22 @@ class RescoreResult:
     engine: str = "local"
     unreadable_files: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
-    #: monotonic clock at the start of the run; seconds from it to the first scored batch, and that batch's units
-    started: float = field(default_factory=time.monotonic)
-    first_result_s: float | None = None
-    first_decided: int = 0
+    #: the wall clock at the start of the run, and seconds from it until the first batch began scoring (on a Ray
+    #: cluster of several hosts this assumes their clocks agree)
+    started_wall: float = field(default_factory=time.time)
+    scoring_started_s: float | None = None
 
     @property
     def units_per_s(self) -> float:
         return self.decided / self.seconds if self.seconds > 0 else 0.0
 
     @property
-    def units_per_s_after_start(self) -> float | None:
-        """Throughput once scoring runs: the units decided after the first batch over the time after it (start-up
-        -- a Ray cluster, model loads, planning -- excluded)."""
-        if self.first_result_s is None or self.seconds <= self.first_result_s:
+    def units_per_s_scoring(self) -> float | None:
+        """Throughput once scoring runs: the units decided over the time from the first batch's start to the end
+        (start-up -- model loads, planning, a Ray cluster and its actors -- excluded)."""
+        if self.scoring_started_s is None or self.seconds <= self.scoring_started_s:
             return None
-        return (self.decided - self.first_decided) / (self.seconds - self.first_result_s)
+        return self.decided / (self.seconds - self.scoring_started_s)
 
     def to_dict(self) -> dict:
         return {
@@ -297,9 +297,9 @@ class RescoreResult:
             "rejected": [r.to_dict() for r in self.rejected[:1000]],
             "rejected_reading_list": [r.to_dict() for r in self.rejected_readings[:1000]],
             "seconds": round(self.seconds, 3), "units_per_s": round(self.units_per_s, 2),
-            "seconds_to_first_result": None if self.first_result_s is None else round(self.first_result_s, 3),
-            "units_per_s_after_start": (None if self.units_per_s_after_start is None
-                                        else round(self.units_per_s_after_start, 2)),
+            "seconds_to_scoring": None if self.scoring_started_s is None else round(self.scoring_started_s, 3),
+            "units_per_s_scoring": (None if self.units_per_s_scoring is None
+                                    else round(self.units_per_s_scoring, 2)),
         }
 
 
@@ -375,7 +375,7 @@ def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingMo
     Raises:
         RescoreError: no history files; DataError: a file that is not history (named).
     """
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     files, keys, planned, unreadable = plan(history_files(history))
@@ -388,7 +388,7 @@ def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingMo
         for stale in base.glob(f"{_PARTIAL}*"):  # left by an interrupted run
             shutil.rmtree(stale, ignore_errors=True)
     result = RescoreResult(root, version, serving.threshold_version, [str(f) for f in files])
-    result.started = t0
+    result.started_wall = wall0
     result.config = {"engine": "local", "batch_size": batch_size, "expected": list(expected),
                      "device": str(serving.device), "precision": serving.precision,
                      "prepare_workers": prepare_workers or min(8, os.cpu_count() or 1),
@@ -485,11 +485,12 @@ class _Outcome:
     rejected: list[Rejected] = field(default_factory=list)
     rejected_readings: list[Rejected] = field(default_factory=list)
     decided: int = 0
+    started_wall: float | None = None  # time.time() when scoring the batch began
 
 
 def _score_items(serving: ServingModel, batch: list[_Item], expected: Sequence[str], pool,
                  reporter: Any = None) -> _Outcome:
-    out = _Outcome()
+    out = _Outcome(started_wall=time.time())
     good: list[tuple[_Item, JoinedUnit]] = []
     for item in batch:
         if item.error is not None:
@@ -532,9 +533,9 @@ def _apply(outcome: _Outcome, result: RescoreResult, deliver: Callable[[tuple[st
     result.rejected.extend(outcome.rejected)
     result.rejected_readings.extend(outcome.rejected_readings)
     result.decided += outcome.decided
-    if result.first_result_s is None and outcome.decided:
-        result.first_result_s = time.monotonic() - result.started
-        result.first_decided = outcome.decided
+    if outcome.started_wall is not None:
+        began = outcome.started_wall - result.started_wall
+        result.scoring_started_s = began if result.scoring_started_s is None else min(result.scoring_started_s, began)
     for key, n in outcome.accounted.items():
         deliver(key, outcome.rows.get(key, []), n)
 
@@ -710,12 +711,13 @@ def _outcome_to_json(outcome: _Outcome) -> str:
         "rejected": [vars(r) for r in outcome.rejected],
         "rejected_readings": [vars(r) for r in outcome.rejected_readings],
         "decided": outcome.decided,
+        "started_wall": outcome.started_wall,
     })
 
 
 def _outcome_from_json(text: str) -> _Outcome:
     data = json.loads(text)
-    out = _Outcome(decided=data["decided"])
+    out = _Outcome(decided=data["decided"], started_wall=data.get("started_wall"))
     for k, rs in data["rows"]:
         out.rows[tuple(k)] = [{**r, "event_time": datetime.fromisoformat(r["event_time"])} for r in rs]
     for k, n in data["accounted"]:
@@ -779,7 +781,7 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
 
     from inspection.store import ModelStore
 
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     files, keys, planned, unreadable = plan(history_files(history))
@@ -792,7 +794,7 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
     if not card.get("threshold_version"):                            # needs what the decisions say about it
         raise RescoreError(f"model {version} in {store_root} has no calibrated thresholds; calibrate it first")
     result = RescoreResult(root, version, str(card["threshold_version"]), [str(f) for f in files], engine="ray")
-    result.started = t0
+    result.started_wall = wall0
     result.config = {"engine": "ray", "address": address, "workers": workers, "device": device,
                      "precision": precision, "expected": list(expected), "threads_per_worker": threads_per_worker}
     result.rejected.extend(unreadable)

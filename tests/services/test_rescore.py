@@ -114,6 +114,9 @@ def test_rescoring_the_streams_archive_reproduces_its_decisions(stream_run, serv
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["decided"] == 40 and run["model_version"] == serving.version and run["rejected_rows"] == 0
     assert run["config"]["batch_size"] == 7 and run["config"]["engine"] == "local"  # the run's resolved config
+    # start-up and scoring time apart: the rate once scoring runs is at least the whole run's
+    assert 0.0 <= run["seconds_to_scoring"] < run["seconds"]
+    assert run["units_per_s_scoring"] >= run["units_per_s"] > 0
 
 
 def test_an_interrupted_run_leaves_no_partial_partition_and_the_next_one_resumes(stream_run, serving, tmp_path):
@@ -305,3 +308,5 @@ def test_the_ray_engine_writes_what_the_local_engine_writes(stream_run, serving_
             assert abs(x["score"] - y["score"]) <= SCORE_TOLERANCE
     run = json.loads((tmp_path / "ray" / "run.json").read_text())
     assert run["engine"] == "ray" and run["decided"] == len(decisions)
+    assert 0.0 < run["seconds_to_scoring"] < run["seconds"]  # the actors' first task began after the cluster started
+    assert run["units_per_s_scoring"] >= run["units_per_s"] > 0
