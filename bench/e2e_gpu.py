@@ -212,6 +212,28 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def service_stages(port: int) -> dict:
+    """The service's own accounting from ``/metrics``: seconds and count per pipeline stage, forward passes,
+    units and padding rows in them, and the batch limit it chose."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out: dict = {"stage_seconds": {}, "stage_count": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "inspection_stage_seconds_sum":
+                out["stage_seconds"][sample.labels["stage"]] = round(sample.value, 3)
+            elif sample.name == "inspection_stage_seconds_count":
+                out["stage_count"][sample.labels["stage"]] = int(sample.value)
+            elif sample.name in ("inspection_batch_size_count", "inspection_batch_size_sum",
+                                 "inspection_padding_rows_total", "inspection_batch_limit"):
+                out[sample.name.removeprefix("inspection_")] = sample.value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -272,12 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         reader = DecisionReader(broker.bootstrap, topics.decisions)
         config = service_config(store, args.device, topics, workdir / "one", args.max_batch)
         (workdir / "one").mkdir()
-        service = start_service(config, broker.bootstrap, workdir / "one", free_port(), ready_timeout_s=600)
+        port = free_port()
+        service = start_service(config, broker.bootstrap, workdir / "one", port, ready_timeout_s=600)
         try:
             t0 = time.monotonic()
             t1 = reader.wait({u.unit_id for u in backlog}, timeout_s=3600)
             service_ups = args.units / (t1 - t0)
             log(f"one process: {service_ups:.0f} units/s vs ceiling {ceiling_ups:.0f} units/s")
+            stages = service_stages(port)  # where the backlog's time went, before the latency phase adds to it
+            log(f"one process, per stage: {stages}")
             rate = 0.8 * service_ups
             sent_at: dict[str, float] = {}
             publish(broker.bootstrap, topics, live, rate=rate,
@@ -337,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_units_per_s_eager_by_batch": {str(k): round(v, 1) for k, v in eager.items()},
             "units": args.units, "worker_units": worker_units, "latency_units": args.latency_units,
             "latency_rate_units_per_s": round(rate, 1), "partitions": args.partitions,
-            "max_batch": args.max_batch, "service": one_summary,
+            "max_batch": args.max_batch, "service": one_summary, "service_stages_backlog": stages,
             "ceiling_note": "plain kafka-python consumers (crc32c) reading the same messages, no decoding; "
                             "for the workers' ceiling N of them as processes, each assigned 1/N of the partitions",
         },

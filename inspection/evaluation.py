@@ -160,7 +160,7 @@ def _save(fig, out_prefix: Path, kind: str) -> Path:
     return path
 
 
-def write_result(bench: str, summary: dict, details: dict, results_dir: Path | str = "bench/results") -> Path:
+def write_result(bench: str, summary: dict, details: dict, results_dir: Path | str = "runs/results") -> Path:
     """Write ``<results_dir>/<bench>.json`` with the required summary fields filled in."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,7 @@ def _calibrated_versions(store: ModelStore, seeds: Sequence[int]) -> dict[int, M
 
 
 def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, device: str = "cpu",
-                   tta: bool = False, results_dir: Path | str = "bench/results",
+                   tta: bool = False, results_dir: Path | str = "runs/results",
                    plots_dir: Path | str = "runs/plots", note: str | None = None) -> Path:
     """Evaluate calibrated models of a bench on their test splits; write the result file."""
     plots_dir = Path(plots_dir)

@@ -274,7 +274,7 @@ def _counts(score) -> dict[str, int]:
     return {k: getattr(score, k) for k in COUNTS}
 
 
-def evaluate_skab(*, results_dir: Path | str = "bench/results", seed: int = 0, root=None,
+def evaluate_skab(*, results_dir: Path | str = "runs/results", seed: int = 0, root=None,
                   detector: str = "slope-t2", config: DriftTrackingConfig | None = None,
                   target_far: float | None = 0.10, grid: SelectionGrid | None = None) -> Path:
     """Run the protocol; write ``skab.json`` (headline F1, with FAR and MAR).

@@ -849,7 +849,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tta", action="store_true", help="average 8 views of each image (4 rotations, each also mirrored)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--store", default="models")
-    ev.add_argument("--results", default="bench/results")
+    ev.add_argument("--results", default="runs/results",
+                    help="folder of the result file <bench>.json (default runs/results; the benchmark record this "
+                         "project publishes is bench/results, written only when named here)")
     ev.add_argument("--plots", default="runs/plots")
     ev.add_argument("--note", help="a fact the result must state (recorded in its summary)")
     ev.add_argument("--detector", choices=["slope-t2", "drift"], default="slope-t2",

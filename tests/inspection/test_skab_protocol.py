@@ -334,3 +334,15 @@ def test_evaluate_rejects_unknown_detector_and_mixed_options(tmp_path):
         evaluate_skab(results_dir=tmp_path, detector="drift", grid=SelectionGrid())
     with pytest.raises(ConfigError, match="persistences"):
         dataclasses.replace(SelectionGrid(), persistences=(("any", 3),))
+
+
+@pytest.mark.data
+def test_evaluate_writes_into_the_run_folder_unless_told_otherwise(skab_files, tmp_path, monkeypatch):
+    """A user's evaluation must not overwrite the published record in bench/results."""
+    from services.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--bench", "skab"]) == 0
+    written = json.loads((tmp_path / "runs" / "results" / "skab.json").read_text())
+    assert written["summary"]["benchmark"] == "skab"
+    assert not (tmp_path / "bench").exists()
