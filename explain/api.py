@@ -270,7 +270,7 @@ def _level2_input(model: InspectionModel, unit: Unit, top: ModalityAttribution, 
             n = len(rows)
             if device.type == "cuda" and n < _INPUT_CHUNK_UNITS:
                 # one batch shape for every chunk: the first encode at a new size costs seconds on CUDA
-                # (per-shape convolution plans); the copies of the last row are dropped below
+                # (work done once per input shape); the copies of the last row are dropped below
                 rows.extend([rows[-1]] * (_INPUT_CHUNK_UNITS - n))
                 present = torch.cat([present, present[-1:].expand(_INPUT_CHUNK_UNITS - n, -1)])
             batch = model.collate(rows, [unit.line_id] * len(rows)).to(device)

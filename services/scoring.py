@@ -68,7 +68,7 @@ class ServingModel:
         precision: ``fp32`` or ``bf16`` (the scoring forward under bf16 autocast; scores come out float32).
         batch_sizes: the sizes a forward runs at: a batch is padded (its last unit repeated, the copies'
             outputs dropped) to the smallest size that holds it. Empty: every batch runs at its own size. On
-            CUDA the first forward at a new batch size costs seconds (per-shape kernel and convolution plans),
+            CUDA the first forward at a new batch size costs seconds (work done once per input shape),
             so the service warms a few sizes up and pads to them (:func:`batch_buckets`).
     """
 
