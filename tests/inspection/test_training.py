@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 
 import numpy as np
@@ -64,7 +66,10 @@ def test_tiny_end_to_end_beats_chance(tmp_path, bearing_data):
     assert model.calibrated and cal.version.startswith("t-")
     metrics, _ = evaluate_units(model, test, "cpu")
     assert metrics["auroc"] > MIN_TEST_AUROC, metrics
-    assert metrics["class_accuracy"] > 1 / 3 + 0.1, metrics  # three classes
+    # a constant answer scores the majority class's share: the class head must beat that, not a third
+    majority = max(Counter(u.label.defect_class for u in test).values()) / len(test)
+    print(f"class accuracy {metrics['class_accuracy']:.3f}, majority class {majority:.3f}")
+    assert metrics["class_accuracy"] > majority + 0.05, (metrics, majority)
 
 
 @pytest.mark.data
@@ -225,6 +230,8 @@ def test_skab_protocol_writes_its_result(tmp_path):
         assert key in summary, key
     assert summary["baselines"]["T-squared, this harness"] == pytest.approx(0.66, abs=0.005)
     assert 0 < summary["value"] <= 1 and 0 <= summary["far"] <= 100
+    # the method must beat the plain T-squared baseline of the same harness, not merely produce a number
+    assert summary["value"] > summary["baselines"]["T-squared, this harness"] + 0.05
     assert len(MODALITIES) == 3
 
 
