@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from inspection.errors import ConfigError, InspectionError
+from inspection.errors import ConfigError, InspectionError, StoreError
 from inspection.records import MODALITIES, Decision, Unit
 
 log = logging.getLogger("inspection.cli")
@@ -585,39 +585,49 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     from services.rescore import rescore_local
     from services.scoring import load_serving_model, resolve_device
 
-    serving = load_serving_model(ModelStore(args.store, create=False), args.model, resolve_device(args.device),
-                                 args.precision)
+    store = ModelStore(args.store, create=False)
+    device = resolve_device(args.device)
     expected = tuple(args.expected.split(",")) if args.expected else MODALITIES
     unknown = sorted(set(expected) - set(MODALITIES))
     if unknown:
         raise ConfigError(f"--expected names unknown modalities {unknown}; known: {list(MODALITIES)}")
     if args.compare and args.decisions:
         raise ConfigError("give --compare VERSION or --decisions PATH, not both")
-    store = ModelStore(args.store, create=False)
     if args.compare:
         store.get(args.compare)  # an unknown version is an error before anything is scored
+    if args.engine == "ray" and args.explain == 2:
+        raise ConfigError("--explain 2 runs with the local engine only (reports are written by the scoring "
+                          "process); re-score with --engine local, or explain the flipped units afterwards")
     reporter = None
-    if args.explain == 2:
-        from explain.api import minimum_budget
-        from services.reports import StreamReporter
-
-        if args.budget < minimum_budget(serving.model):
-            raise ConfigError(f"--budget {args.budget} is below what level-2 explanations of model {serving.version} "
-                              f"need: {minimum_budget(serving.model)} model evaluations per unit")
-        reporter = StreamReporter(args.out / "reports", units=args.explain_units, level=2, budget=args.budget,
-                                  seed=0)
-    if args.engine == "ray":
-        if reporter is not None:
-            raise ConfigError("--explain 2 runs with the local engine only (reports are written by the scoring "
-                              "process); re-score with --engine local, or explain the flipped units afterwards")
-        from services.rescore import rescore_ray
-
-        result = rescore_ray(args.history, args.store, serving.version, args.out, address=args.address,
-                             workers=args.workers, device=str(serving.device.type), precision=args.precision,
-                             expected=expected)
+    if args.engine == "ray":  # the actors load the model; this process only needs its version
+        entry = store.get(args.model) if args.model else store.promoted()
+        if entry is None:
+            raise StoreError(f"no version of the model store {store.root} is promoted; name one with --model")
+        model = entry.version
     else:
-        result = rescore_local(args.history, serving, args.out, batch_size=args.batch_size, expected=expected,
-                               progress=not args.no_progress, reporter=reporter)
+        model = load_serving_model(store, args.model, device, args.precision)
+        if args.explain == 2:
+            from explain.api import minimum_budget
+            from services.reports import StreamReporter
+
+            if args.budget < minimum_budget(model.model):
+                raise ConfigError(f"--budget {args.budget} is below what level-2 explanations of model "
+                                  f"{model.version} need: {minimum_budget(model.model)} model evaluations per unit")
+            reporter = StreamReporter(args.out / "reports", units=args.explain_units, level=2, budget=args.budget,
+                                      seed=0)
+
+    def run(model, reports=None):
+        """Re-score with ``model``: a loaded model (local engine) or a version id (Ray)."""
+        if args.engine == "ray":
+            from services.rescore import rescore_ray
+
+            return rescore_ray(args.history, args.store, model, args.out, address=args.address,
+                               workers=args.workers, device=device.type, precision=args.precision,
+                               expected=expected)
+        return rescore_local(args.history, model, args.out, batch_size=args.batch_size, expected=expected,
+                             progress=not args.no_progress, reporter=reports)
+
+    result = run(model, reporter)
     summary = result.to_dict()
     summary.pop("rejected")
     summary.pop("rejected_reading_list")
@@ -626,17 +636,9 @@ def cmd_rescore(args: argparse.Namespace) -> int:
         from services.rescore import history_files, read_decisions, recorded_decisions
 
         if args.compare:
-            other = load_serving_model(store, args.compare, resolve_device(args.device), args.precision)
-            if args.engine == "ray":
-                from services.rescore import rescore_ray
-
-                rescore_ray(args.history, args.store, other.version, args.out, address=args.address,
-                            workers=args.workers, device=str(other.device.type), precision=args.precision,
-                            expected=expected)
-            else:
-                rescore_local(args.history, other, args.out, batch_size=args.batch_size, expected=expected,
-                              progress=not args.no_progress)
-            old = read_decisions(args.out, model_version=other.version)
+            run(args.compare if args.engine == "ray" else load_serving_model(store, args.compare, device,
+                                                                              args.precision))
+            old = read_decisions(args.out, model_version=args.compare)
         else:
             old = recorded_decisions(args.decisions)
         from inspection.data.history import history_labels
@@ -645,7 +647,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
         for f in history_files(args.history):
             with contextlib.suppress(InspectionError):  # an unreadable file is already listed in run.json
                 labels.update(history_labels(f))
-        report = compare(read_decisions(args.out, model_version=serving.version), old, labels=labels,
+        report = compare(read_decisions(args.out, model_version=result.model_version), old, labels=labels,
                          reports=args.reports or (args.out / "reports" if args.explain == 2 else None))
         json_path, html_path = write_change_report(report, args.out)
         summary["changes"] = {"flips": report["flips"], "units_compared": report["units_compared"],

@@ -269,7 +269,7 @@ class RescoreResult:
     config: dict = field(default_factory=dict)
     #: the wall clock at the start of the run, and seconds from it until the first batch began scoring (on a Ray
     #: cluster of several hosts this assumes their clocks agree)
-    started_wall: float = field(default_factory=time.time)
+    started_wall: float = 0.0
     scoring_started_s: float | None = None
 
     @property
@@ -350,6 +350,32 @@ def joined_from_archive(archived: ArchivedUnit, expected: Sequence[str]) -> Join
                       0.0)
 
 
+def _start_run(history: str | Path | Sequence[str | Path], out: str | Path, version: str, threshold_version: str,
+               config: dict) -> tuple[Path, list[Path], list, set, RescoreResult, _PartitionWriter]:
+    """What both engines do first: plan the partitions from the history's header columns, find the ones this
+    model version already has in ``out`` (skipped), remove what an interrupted run left half done, and open the
+    run's result and partition writer. Returns (out folder, files, per-file row keys, finished keys, result,
+    writer)."""
+    wall0 = time.time()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    files, keys, planned, unreadable = plan(history_files(history))
+    done = {k for k in planned if partition_dir(root, version, k).is_dir()}
+    base = root / "decisions" / f"model_version={version}"
+    if base.is_dir():
+        for stale in base.glob(f"{_PARTIAL}*"):  # left by an interrupted run
+            shutil.rmtree(stale, ignore_errors=True)
+    result = RescoreResult(root, version, threshold_version, [str(f) for f in files], engine=config["engine"],
+                           config=config, started_wall=wall0)
+    result.rejected.extend(unreadable)
+    result.unreadable_files = [r.file for r in unreadable]
+    result.units_in_history = sum(len(k) for k in keys)
+    result.partitions_skipped = len(done)
+    writer = _PartitionWriter(root, version, uuid.uuid4().hex[:12],
+                              Counter({k: n for k, n in planned.items() if k not in done}))
+    return root, files, keys, done, result, writer
+
+
 def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingModel, out: str | Path, *,
                   batch_size: int = 64, expected: Sequence[str] = MODALITIES, prepare_workers: int = 0,
                   progress: bool = True, on_batch: Callable[[int], None] | None = None,
@@ -375,32 +401,17 @@ def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingMo
     Raises:
         RescoreError: no history files; DataError: a file that is not history (named).
     """
-    t0, wall0 = time.monotonic(), time.time()
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    files, keys, planned, unreadable = plan(history_files(history))
-    version = serving.version
+    t0 = time.monotonic()
     if serving.device.type == "cuda" and not serving.batch_sizes:  # a partition's last batch is a new size:
         serving = dataclasses.replace(serving, batch_sizes=batch_buckets(batch_size))  # pad, as the stream does
-    done = {k for k in planned if partition_dir(root, version, k).is_dir()}
-    base = root / "decisions" / f"model_version={version}"
-    if base.is_dir():
-        for stale in base.glob(f"{_PARTIAL}*"):  # left by an interrupted run
-            shutil.rmtree(stale, ignore_errors=True)
-    result = RescoreResult(root, version, serving.threshold_version, [str(f) for f in files])
-    result.started_wall = wall0
-    result.config = {"engine": "local", "batch_size": batch_size, "expected": list(expected),
-                     "device": str(serving.device), "precision": serving.precision,
-                     "prepare_workers": prepare_workers or min(8, os.cpu_count() or 1),
-                     "explain_level": 2 if reporter is not None else 1,
-                     **({"reports": {"dir": str(reporter.dir), "units": reporter.units, "budget": reporter.budget,
-                                     "seed": reporter.seed}} if reporter is not None else {})}
-    result.rejected.extend(unreadable)
-    result.unreadable_files = [r.file for r in unreadable]
-    result.units_in_history = sum(len(k) for k in keys)
-    result.partitions_skipped = len(done)
-    todo = Counter({k: n for k, n in planned.items() if k not in done})
-    writer = _PartitionWriter(root, version, uuid.uuid4().hex[:12], todo)
+    config = {"engine": "local", "batch_size": batch_size, "expected": list(expected),
+              "device": str(serving.device), "precision": serving.precision,
+              "prepare_workers": prepare_workers or min(8, os.cpu_count() or 1),
+              "explain_level": 2 if reporter is not None else 1,
+              **({"reports": {"dir": str(reporter.dir), "units": reporter.units, "budget": reporter.budget,
+                              "seed": reporter.seed}} if reporter is not None else {})}
+    root, files, keys, done, result, writer = _start_run(history, out, serving.version, serving.threshold_version,
+                                                         config)
 
     batches: queue.Queue = queue.Queue(maxsize=4)
     writes: queue.Queue = queue.Queue(maxsize=8)
@@ -781,26 +792,14 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
 
     from inspection.store import ModelStore
 
-    t0, wall0 = time.monotonic(), time.time()
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    files, keys, planned, unreadable = plan(history_files(history))
-    done = {k for k in planned if partition_dir(root, version, k).is_dir()}
-    base = root / "decisions" / f"model_version={version}"
-    if base.is_dir():
-        for stale in base.glob(f"{_PARTIAL}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    t0 = time.monotonic()
     card = ModelStore(store_root, create=False).get(version).card  # the actors load the model; the driver only
     if not card.get("threshold_version"):                            # needs what the decisions say about it
         raise RescoreError(f"model {version} in {store_root} has no calibrated thresholds; calibrate it first")
-    result = RescoreResult(root, version, str(card["threshold_version"]), [str(f) for f in files], engine="ray")
-    result.started_wall = wall0
-    result.config = {"engine": "ray", "address": address, "workers": workers, "device": device,
-                     "precision": precision, "expected": list(expected), "threads_per_worker": threads_per_worker}
-    result.rejected.extend(unreadable)
-    result.unreadable_files = [r.file for r in unreadable]
-    result.units_in_history = sum(len(k) for k in keys)
-    result.partitions_skipped = len(done)
+    config = {"engine": "ray", "address": address, "workers": workers, "device": device, "precision": precision,
+              "expected": list(expected), "threads_per_worker": threads_per_worker}
+    root, files, keys, done, result, writer = _start_run(history, out, version, str(card["threshold_version"]),
+                                                         config)
     tasks = []
     for f, per_row in zip(files, keys, strict=True):
         meta = pqm.ParquetFile(f).metadata
@@ -817,8 +816,6 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
                     marks[str(row)] = list(k) if k else None
             first += n
             tasks.append({"file": str(f), "group": g, "keys": json.dumps(marks)})
-    writer = _PartitionWriter(root, version, uuid.uuid4().hex[:12],
-                              Counter({k: n for k, n in planned.items() if k not in done}))
     started = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,

@@ -177,18 +177,12 @@ def iter_history_rows(path: Path | str, *, limits: CodecLimits | None = None,
     Raises:
         DataError: the file is missing, not Parquet, or not a history file.
     """
-    path = Path(path)
-    pf = _open(path)
+    pf = _open(Path(path))
     limits = limits or CodecLimits()
     row_no = 0
     for batch in pf.iter_batches(batch_size=batch_size):
         for row in batch.to_pylist():
-            try:
-                yield row_no, row.get("unit_id"), _unit_from_row(row, limits)
-            except RecordError as exc:
-                yield row_no, row.get("unit_id"), exc
-            except (KeyError, TypeError, ValueError) as exc:  # a row whose cells do not have the schema's shape
-                yield row_no, row.get("unit_id"), RecordError(Reason.BAD_SHAPE, f"{type(exc).__name__}: {exc}")
+            yield row_no, row.get("unit_id"), _unit_or_error(row, limits)
             row_no += 1
 
 
@@ -200,12 +194,18 @@ def iter_history_row_group(path: Path | str, group: int, *, limits: CodecLimits 
     limits = limits or CodecLimits()
     first = sum(pf.metadata.row_group(g).num_rows for g in range(group))
     for i, row in enumerate(pf.read_row_group(group).to_pylist()):
-        try:
-            yield first + i, row.get("unit_id"), _unit_from_row(row, limits)
-        except RecordError as exc:
-            yield first + i, row.get("unit_id"), exc
-        except (KeyError, TypeError, ValueError) as exc:
-            yield first + i, row.get("unit_id"), RecordError(Reason.BAD_SHAPE, f"{type(exc).__name__}: {exc}")
+        yield first + i, row.get("unit_id"), _unit_or_error(row, limits)
+
+
+def _unit_or_error(row: dict, limits: CodecLimits) -> ArchivedUnit | RecordError:
+    """A history row's unit, or the reason it is not one (a failed validation, or cells without the schema's
+    shape)."""
+    try:
+        return _unit_from_row(row, limits)
+    except RecordError as exc:
+        return exc
+    except (KeyError, TypeError, ValueError) as exc:
+        return RecordError(Reason.BAD_SHAPE, f"{type(exc).__name__}: {exc}")
 
 
 def history_index(path: Path | str) -> list[tuple[str | None, datetime | None]]:
