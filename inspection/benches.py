@@ -3,7 +3,7 @@
 =========  ==========================================================================================
 elpv       vision only; seeded 75/25 split stratified on (probability, type); defective = p >= 0.5;
            classes are the four probability grades (4-class accuracy reported too)
-bearings   vibration only; held-out recordings (never windows of a training recording); 3 classes
+bearings   vibration only; grouped 5-fold cross-validation by recording over all 20 recordings; 3 classes
 composite  all three modalities from real sources (:mod:`inspection.data.composite`); culprits known
 =========  ==========================================================================================
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+import numpy as np
 
 from fusion.bridge import BridgeConfig
 from fusion.moe import MoEConfig
@@ -38,8 +40,8 @@ class BenchData:
     Attributes:
         train, val, test: units (val is carved from the training split).
         class_names: the class head's classes, ``ok`` first.
-        groups: for each training unit, the id of its independent source (image, recording, ...).
         notes: facts a report must state (e.g. "synthetic temperature").
+        fold, folds: which cross-validation fold this is, of how many (None: a single split).
     """
 
     bench: str
@@ -49,6 +51,8 @@ class BenchData:
     test: list[Unit]
     class_names: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    fold: int | None = None
+    folds: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ elpv
@@ -104,33 +108,56 @@ def bearing_units(recordings, window_s: float, hop_s: float, split: str) -> list
     return out
 
 
-def bearings_bench(seed: int, window_s: float = 0.25, train_hop_s: float = 0.05, test_hop_s: float = 0.125,
-                   root=None) -> BenchData:
-    """Held-out recordings: the package's own 14/6 split by recording. Validation = one whole training recording per
-    class: its lowest-load recording among the class's most common acquisition setup (sample rate). Validation,
-    like the test split, then asks for a load the model has not trained on, while training keeps the recordings
-    nearest to the test split's loads (250 and 300 lbs, the highest of the set): trained on that setup's loads up
-    to 150 lbs only, the model called the 300-lb outer-race recording inner race."""
-    from collections import Counter
+#: Folds of the bearings cross-validation: every recording is a test recording in exactly one fold.
+BEARINGS_FOLDS = 5
 
-    from inspection.data.bearings import load_bearings, split_recordings
 
+def bearing_folds(recordings, seed: int, folds: int = BEARINGS_FOLDS) -> list[list[str]]:
+    """Grouped, class-stratified folds of whole recordings: each class's recordings, shuffled with ``seed``, are
+    dealt to the folds in turn, the deal carrying on from class to class (classes in name order), so every fold
+    holds ``len(recordings) / folds`` recordings (±1) and no class gathers in the first folds. The seed changes
+    the folds."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"folds must be an integer >= 2; got {folds!r}")
+    if folds > len(recordings):
+        raise ConfigError(f"{folds} folds need at least {folds} recordings; got {len(recordings)}")
+    rng = np.random.default_rng([int(seed), 2])
+    out: list[list[str]] = [[] for _ in range(folds)]
+    turn = 0
+    for klass in sorted({r.label for r in recordings}):
+        names = sorted(r.name for r in recordings if r.label == klass)
+        for name in rng.permutation(names):
+            out[turn % folds].append(str(name))
+            turn += 1
+    return [sorted(f) for f in out]
+
+
+def bearings_bench(seed: int, fold: int = 0, folds: int = BEARINGS_FOLDS, window_s: float = 0.25,
+                   train_hop_s: float = 0.05, test_hop_s: float = 0.125, root=None) -> BenchData:
+    """Fold ``fold`` of the grouped cross-validation over all recordings (:func:`bearing_folds`): its recordings
+    are the test split, never windows of a training recording. Validation, inside the training fold, by a rule
+    fixed before any result was seen: for each class with at least two training recordings, one of them drawn
+    with ``(seed, fold)``; the rest train."""
+    from inspection.data.bearings import load_bearings
+
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        raise ConfigError(f"fold must be an integer in [0, {folds}); got {fold!r}")
     recordings = load_bearings(root)
-    train_recs, test_recs = split_recordings(recordings, seed=None)
+    test_names = set(bearing_folds(recordings, seed, folds)[fold])
+    train_recs = [r for r in recordings if r.name not in test_names]
+    rng = np.random.default_rng([int(seed), int(fold), 3])
     val_names = set()
     for klass in sorted({r.label for r in train_recs}):
-        recs = [r for r in train_recs if r.label == klass]
-        if len(recs) < 2:
-            continue
-        rate = Counter(r.sample_rate_hz for r in recs).most_common(1)[0][0]
-        val_names.add(min((r for r in recs if r.sample_rate_hz == rate),
-                          key=lambda r: (r.metadata.get("load", 0.0), r.name)).name)
+        names = sorted(r.name for r in train_recs if r.label == klass)
+        if len(names) >= 2:
+            val_names.add(str(rng.choice(names)))
     return BenchData(
         "bearings", seed,
         bearing_units([r for r in train_recs if r.name not in val_names], window_s, train_hop_s, "train"),
         bearing_units([r for r in train_recs if r.name in val_names], window_s, test_hop_s, "val"),
-        bearing_units(test_recs, window_s, test_hop_s, "test"),
+        bearing_units([r for r in recordings if r.name in test_names], window_s, test_hop_s, "test"),
         BEARING_CLASSES,
+        fold=fold, folds=folds,
     )
 
 

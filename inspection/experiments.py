@@ -8,6 +8,7 @@ the right splits.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from inspection.evaluation import (
     write_result,
 )
 from inspection.model import InspectionModel, ModelConfig
-from inspection.records import MODALITIES
+from inspection.records import MODALITIES, Unit
 from inspection.store import DEFAULT_KEEP, ModelStore, ModelVersion
 from inspection.training import PreparedSet, TrainConfig, predict, train_supervised
 
@@ -46,8 +47,8 @@ def _ids_digest(ids: Sequence[str]) -> str:
 
 def _data_card(data: BenchData, val_fraction: float | None = None) -> dict:
     return {
-        "bench": data.bench, "seed": data.seed, "notes": list(data.notes), "val_fraction": val_fraction,
-        "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+        "bench": data.bench, "seed": data.seed, "fold": data.fold, "folds": data.folds, "notes": list(data.notes),
+        "val_fraction": val_fraction, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
         "train_ids_sha256": _ids_digest([u.unit_id for u in data.train]),
         "val_ids": [u.unit_id for u in data.val], "test_ids": [u.unit_id for u in data.test],
     }
@@ -65,26 +66,51 @@ def model_from_version(version: ModelVersion, store: ModelStore) -> InspectionMo
     return load_model(store, version.version)[0]
 
 
-def bench_data(bench: str, seed: int, card_data: dict | None = None, val_fraction: float | None = None) -> BenchData:
-    """A bench split; with a model card's data section, the split that model was trained on (checked)."""
-    if card_data is not None and card_data.get("val_fraction") is not None:
-        val_fraction = card_data["val_fraction"]
-    if val_fraction is not None and bench != "elpv":
-        raise ConfigError(f"a validation fraction applies to elpv only; {bench} validates on whole recordings/sources")
-    data = load_bench(bench, seed, **({} if val_fraction is None else {"val_fraction": val_fraction}))
+def seal(units: Sequence[Unit]) -> list[Unit]:
+    """The units without their labels: what a selection step (training, epoch choice, calibration) gets of a
+    test split, so that no choice can read a test label."""
+    return [dataclasses.replace(u, label=None) for u in units]
+
+
+def bench_data(bench: str, seed: int, card_data: dict | None = None, val_fraction: float | None = None,
+               fold: int | None = None, *, test_labels: bool = False) -> BenchData:
+    """A bench split; with a model card's data section, the split that model was trained on (checked).
+
+    The test split's units come without labels (:func:`seal`) unless ``test_labels``, which only evaluation
+    asks for: training, epoch selection and calibration cannot read a test label."""
+    kw: dict = {}
+    if card_data is not None:
+        if card_data.get("val_fraction") is not None:
+            val_fraction = card_data["val_fraction"]
+        if card_data.get("fold") is not None:
+            fold = card_data["fold"]
+            kw["folds"] = card_data["folds"]
+    if val_fraction is not None:
+        if bench != "elpv":
+            raise ConfigError(f"a validation fraction applies to elpv only; {bench} validates on whole "
+                              "recordings/sources")
+        kw["val_fraction"] = val_fraction
+    if fold is not None:
+        if bench != "bearings":
+            raise ConfigError(f"folds apply to bearings only; {bench} has one split per seed")
+        kw["fold"] = fold
+    data = load_bench(bench, seed, **kw)
     if card_data is not None and _ids_digest([u.unit_id for u in data.train]) != card_data["train_ids_sha256"]:
-        raise ConfigError(f"the {bench} split for seed {seed} differs from the one this model was trained on")
+        raise ConfigError(f"the {bench} split for seed {seed} differs from the one this model was trained on "
+                          "(a model trained under an earlier protocol: train it again)")
+    if not test_labels:
+        data.test = seal(data.test)
     return data
 
 
 def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Path | str, out_root: Path | str,
                 modalities: Sequence[str] | None = None, dim: int = 256, image_size: int = 224, moe: bool = True,
                 resume: bool = False, progress: bool = True, overrides: Sequence[str] = (),
-                val_fraction: float | None = None, keep: int = DEFAULT_KEEP) -> ModelVersion:
+                val_fraction: float | None = None, keep: int = DEFAULT_KEEP, fold: int | None = None) -> ModelVersion:
     """Train one model on a bench split and save it (uncalibrated) to its store, which then keeps its newest
     ``keep`` versions. ``val_fraction`` (elpv only) sets the share of the training split held out for validation;
-    0 trains on all of it."""
-    data = bench_data(bench, seed, val_fraction=val_fraction)
+    0 trains on all of it. ``fold`` (bearings only) picks the cross-validation fold."""
+    data = bench_data(bench, seed, val_fraction=val_fraction, fold=fold)
     if modalities:
         unknown = set(modalities) - set(MODALITIES)
         if unknown:
@@ -96,10 +122,12 @@ def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Pa
     cfg = default_model_config(bench, dim=dim, image_size=image_size, modalities=modalities, moe=moe,
                                overrides=overrides)
     name = family(bench, modalities)
-    out_dir = Path(out_root) / f"{name}-s{seed}"
+    out_dir = Path(out_root) / (f"{name}-s{seed}" + ("" if data.fold is None else f"-f{data.fold}")
+                                + ("" if train_cfg.seed == seed else f"-t{train_cfg.seed}"))
     result = train_supervised(cfg, data.train, data.val, train_cfg, out_dir, resume=resume, progress=progress)
     card = {
-        "name": name, "bench": bench, "seed": seed, "mode": "supervised", "modalities": list(cfg.modalities),
+        "name": name, "bench": bench, "seed": seed, "fold": data.fold, "train_seed": train_cfg.seed,
+        "mode": "supervised", "modalities": list(cfg.modalities),
         "model_config": cfg.to_dict(), "train_config": json.loads((out_dir / "train_config.json").read_text()),
         "data": _data_card(data, val_fraction), "history": result.history, "train_seconds": round(result.seconds, 1),
         "threshold_version": None,
@@ -153,16 +181,66 @@ def _save_calibrated(store: ModelStore, base: ModelVersion, model: InspectionMod
     return store.save(model.state_dict(), card, promote=True)
 
 
-def _calibrated_versions(store: ModelStore, seeds: Sequence[int]) -> dict[int, ModelVersion]:
+def _train_seed(card) -> int:
+    return card.get("train_seed", card["seed"])
+
+
+def _calibrated(store: ModelStore, seeds: Sequence[int], repeats: bool = False) -> dict[tuple, ModelVersion]:
+    """The newest calibrated version per (split seed, fold) trained with the split's own seed; with ``repeats``
+    per (split seed, fold, training seed), every training run kept."""
     found = {}
-    for v in store.versions():
-        if v.card.get("threshold_version") and v.card.get("seed") in seeds:
-            found[v.card["seed"]] = v  # newest wins (versions are oldest first)
+    for v in store.versions():  # oldest first: the newest wins
+        c = v.card
+        if not c.get("threshold_version") or c.get("seed") not in seeds:
+            continue
+        if repeats:
+            found[(c["seed"], c.get("fold"), _train_seed(c))] = v
+        elif _train_seed(c) == c["seed"]:
+            found[(c["seed"], c.get("fold"))] = v
+    return found
+
+
+def _missing(store: ModelStore, what: str) -> StoreError:
+    return StoreError(f"{store.root} has no calibrated model for {what}; run `inspection train` and "
+                      "`inspection calibrate` for them")
+
+
+def _calibrated_versions(store: ModelStore, seeds: Sequence[int]) -> dict[int, ModelVersion]:
+    """One calibrated version per split seed (benches with one split per seed)."""
+    found = {seed: v for (seed, fold), v in _calibrated(store, seeds).items() if fold is None}
     missing = [s for s in seeds if s not in found]
     if missing:
-        raise StoreError(f"{store.root} has no calibrated model for seed(s) {missing}; run `inspection train` and "
-                         "`inspection calibrate` for them")
+        raise _missing(store, f"seed(s) {missing}")
     return found
+
+
+def _calibrated_folds(store: ModelStore, seeds: Sequence[int]) -> dict[int, list[ModelVersion]]:
+    """Every fold's calibrated version per seed (cross-validated benches); all folds must be there."""
+    found = _calibrated(store, seeds)
+    out = {}
+    for seed in seeds:
+        folds = {fold: v for (s, fold), v in found.items() if s == seed and fold is not None}
+        if not folds:
+            raise _missing(store, f"seed {seed} (any fold)")
+        n = next(iter(folds.values())).card["data"]["folds"]
+        missing = [f for f in range(n) if f not in folds]
+        if missing:
+            raise _missing(store, f"seed {seed}, fold(s) {missing} of {n}")
+        out[seed] = [folds[f] for f in range(n)]
+    return out
+
+
+def _interval(values: Sequence[float], successes: int | None = None, n: int | None = None) -> dict:
+    """``ci95`` of a mean over seeds (Student t); with one seed, the binomial (Wilson) interval of its test
+    count instead."""
+    from inspection.stats import seed_interval, wilson
+
+    over_seeds = seed_interval(values)
+    if over_seeds is not None:
+        return {"ci95": list(over_seeds), "ci95_kind": "Student t over seeds"}
+    if successes is not None and n:
+        return {"ci95": list(wilson(successes, n)), "ci95_kind": "Wilson, test units of the one seed"}
+    return {"ci95": None, "ci95_kind": "one seed: no interval"}
 
 
 def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, device: str = "cpu",
@@ -174,38 +252,150 @@ def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, 
     if bench == "composite":
         return _evaluate_composite(store_root, seeds, device=device, results_dir=results_dir, plots_dir=plots_dir,
                                    note=note)
+    if bench == "bearings":
+        return _evaluate_bearings(store_root, seeds, device=device, tta=tta, results_dir=results_dir,
+                                  plots_dir=plots_dir, note=note)
     store = ModelStore(Path(store_root) / bench)
     versions = _calibrated_versions(store, seeds)
     runs = []
     for seed in seeds:
         v = versions[seed]
         model = model_from_version(v, store)
-        data = bench_data(bench, seed, v.card["data"])
+        data = bench_data(bench, seed, v.card["data"], test_labels=True)
         metrics, pred = evaluate_units(model, data.test, device, tta=tta)
         plot_roc_confusion(pred["score"], pred["defect"], pred["threshold"], pred["klass"],
                            pred["class_prob"].argmax(1), model.config.class_names, plots_dir / f"{bench}_s{seed}",
                            f"{bench} seed {seed}")
-        runs.append({"seed": seed, "model_version": v.version, "threshold_version": v.card["threshold_version"],
-                     "metrics": metrics})
-    headline = "accuracy" if bench == "elpv" else "class_accuracy"
-    values = [r["metrics"][headline] for r in runs]
+        from inspection.stats import wilson
+
+        correct = metrics["tp"] + metrics["tn"]
+        metrics["accuracy_ci95"] = list(wilson(correct, metrics["n"]))
+        runs.append({"seed": seed, "train_seed": _train_seed(v.card), "model_version": v.version,
+                     "threshold_version": v.card["threshold_version"], "metrics": metrics})
+    values = [r["metrics"]["accuracy"] for r in runs]
+    n_test = [r["metrics"]["n"] for r in runs]
     summary = {
-        "metric": headline if bench == "elpv" else "3-class accuracy (held-out recordings)",
+        "metric": "accuracy (defective = p >= 0.5), mean over split seeds",
+        "protocol": "elpv-split-seeds",
         "value": float(np.mean(values)),
-        "value_std": float(np.std(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        **_interval(values, runs[0]["metrics"]["tp"] + runs[0]["metrics"]["tn"], n_test[0]),
+        "n_test": n_test[0] if len(set(n_test)) == 1 else n_test,
         "baselines": ANCHORS.get(bench, {}),
-        "split": ("stratified (probability, type) 75/25, defective = p >= 0.5, mean over split seeds"
-                  if bench == "elpv" else "held-out recordings (package split 14/6)"),
-        "seed": list(seeds),
+        "split": "stratified (probability, type) 75/25, defective = p >= 0.5, one split per seed",
+        "seeds": list(seeds),
         "model_version": [r["model_version"] for r in runs],
+        "tta": tta,
+        "class_accuracy_4": float(np.mean([r["metrics"]["class_accuracy"] for r in runs])),
+        "auroc": float(np.mean([r["metrics"].get("auroc", float("nan")) for r in runs])),
+    }
+    repeats = _repeat_spread(store, seeds, device, tta)
+    if repeats:
+        summary["same_split_repeats"] = repeats
+    if note:
+        summary["note"] = note
+    return write_result(bench, summary, {"runs": runs}, results_dir)
+
+
+def _repeat_spread(store: ModelStore, seeds: Sequence[int], device: str, tta: bool) -> dict:
+    """Run-to-run spread: split seeds with more than one training run (``inspection train --train-seed``) are
+    scored once per run on the same test split."""
+    by_seed: dict[int, list[ModelVersion]] = {}
+    for (seed, _fold, _train), v in _calibrated(store, seeds, repeats=True).items():
+        by_seed.setdefault(seed, []).append(v)
+    out = {}
+    for seed, versions in sorted(by_seed.items()):
+        if len(versions) < 2:
+            continue
+        data = bench_data(versions[0].card["bench"], seed, versions[0].card["data"], test_labels=True)
+        values = {str(_train_seed(v.card)): evaluate_units(model_from_version(v, store), data.test, device,
+                                                            tta=tta)[0]["accuracy"] for v in versions}
+        acc = np.array(list(values.values()))
+        out[str(seed)] = {"accuracy_by_train_seed": values, "std": float(acc.std(ddof=1)),
+                          "range": float(acc.max() - acc.min())}
+    return out
+
+
+def _recording(unit: Unit) -> str:
+    """The bearing recording a window was cut from (``bearings:<name>@<start>+<length>``)."""
+    return unit.provenance["vibration"].split(":", 1)[1].split("@", 1)[0]
+
+
+def _evaluate_bearings(store_root, seeds, *, device, tta, results_dir, plots_dir, note=None) -> Path:
+    """Grouped cross-validation: each seed's folds together test every recording once; window accuracy pooled
+    over the folds, and recording accuracy by each recording's majority vote over its windows."""
+    from inspection.stats import clopper_pearson, grouped_accuracy_interval
+
+    store = ModelStore(Path(store_root) / "bearings")
+    folds = _calibrated_folds(store, seeds)
+    runs, pooled_hits = [], {}
+    for seed in seeds:
+        parts: dict[str, list] = {"score": [], "defect": [], "threshold": [], "klass": [], "pred": [], "rec": []}
+        fold_rows = []
+        for v in folds[seed]:
+            model = model_from_version(v, store)
+            data = bench_data("bearings", seed, v.card["data"], test_labels=True)
+            metrics, pred = evaluate_units(model, data.test, device, tta=tta)
+            fold_rows.append({"fold": v.card["data"]["fold"], "model_version": v.version,
+                              "threshold_version": v.card["threshold_version"],
+                              "test_recordings": sorted({_recording(u) for u in data.test}), "metrics": metrics})
+            for key, value in (("score", pred["score"]), ("defect", pred["defect"]),
+                               ("threshold", pred["threshold"]), ("klass", pred["klass"]),
+                               ("pred", pred["class_prob"].argmax(1)), ("rec", [_recording(u) for u in data.test])):
+                parts[key].append(np.asarray(value))
+        p = {k: np.concatenate(v) for k, v in parts.items()}
+        class_names = model.config.class_names
+        metrics = binary_metrics(p["score"], p["defect"], p["threshold"])
+        correct = p["pred"] == p["klass"]
+        metrics["class_accuracy"] = float(correct.mean())
+        metrics["class_accuracy_ci95"] = list(grouped_accuracy_interval(correct, p["rec"]))
+        metrics["n"] = int(correct.size)
+        recordings = {}
+        for name in np.unique(p["rec"]):
+            mine = p["rec"] == name
+            vote = int(np.bincount(p["pred"][mine], minlength=len(class_names)).argmax())
+            truth = int(p["klass"][mine][0])
+            recordings[str(name)] = {"true": class_names[truth], "voted": class_names[vote],
+                                     "windows_correct": f"{int(correct[mine].sum())}/{int(mine.sum())}"}
+            pooled_hits.setdefault(str(name), []).append(correct[mine])
+        k = sum(r["true"] == r["voted"] for r in recordings.values())
+        metrics["recording_accuracy"] = k / len(recordings)
+        metrics["recording_ci95"] = list(clopper_pearson(k, len(recordings)))
+        metrics["n_recordings"] = len(recordings)
+        plot_roc_confusion(p["score"], p["defect"], p["threshold"], p["klass"], p["pred"], class_names,
+                           plots_dir / f"bearings_s{seed}", f"bearings seed {seed}, all folds")
+        runs.append({"seed": seed, "metrics": metrics, "recordings": recordings, "folds": fold_rows})
+    values = [r["metrics"]["class_accuracy"] for r in runs]
+    rec_values = [r["metrics"]["recording_accuracy"] for r in runs]
+    n_rec = runs[0]["metrics"]["n_recordings"]
+    names = sorted(pooled_hits)
+    hits = np.concatenate([np.concatenate(pooled_hits[n]) for n in names])
+    groups = np.concatenate([[n] * sum(len(h) for h in pooled_hits[n]) for n in names])
+    summary = {
+        "metric": "3-class accuracy of windows, every recording a test recording once (grouped cross-validation)",
+        "protocol": f"bearings-grouped-cv{len(folds[seeds[0]])}",
+        "value": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "ci95": list(grouped_accuracy_interval(hits, groups)),
+        "ci95_kind": "bootstrap over recordings (windows of a recording resampled together), all seeds pooled",
+        "recording_accuracy": float(np.mean(rec_values)),
+        "recording_ci95": list(clopper_pearson(int(round(np.mean(rec_values) * n_rec)), n_rec)),
+        "recording_ci95_kind": f"Clopper-Pearson over the {n_rec} recordings (the mean over seeds, rounded)",
+        "binary_accuracy": float(np.mean([r["metrics"]["accuracy"] for r in runs])),
+        "auroc": float(np.mean([r["metrics"].get("auroc", float("nan")) for r in runs])),
+        "n_test": runs[0]["metrics"]["n"],
+        "n_test_recordings": n_rec,
+        "baselines": ANCHORS.get("bearings", {}),
+        "split": (f"grouped {len(folds[seeds[0]])}-fold cross-validation by recording over all {n_rec} recordings, "
+                  "class-stratified, folds drawn per seed; validation = per class one training recording drawn "
+                  "with (seed, fold)"),
+        "seeds": list(seeds),
+        "model_version": [[f["model_version"] for f in r["folds"]] for r in runs],
         "tta": tta,
     }
     if note:
         summary["note"] = note
-    if bench == "elpv":
-        summary["class_accuracy_4"] = float(np.mean([r["metrics"]["class_accuracy"] for r in runs]))
-    summary["auroc"] = float(np.mean([r["metrics"].get("auroc", float("nan")) for r in runs]))
-    return write_result(bench, summary, {"runs": runs}, results_dir)
+    return write_result("bearings", summary, {"runs": runs}, results_dir)
 
 
 def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, note=None) -> Path:
@@ -216,7 +406,7 @@ def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, no
         fused_store = ModelStore(root / "composite")
         fused_v = _calibrated_versions(fused_store, [seed])[seed]
         fused = model_from_version(fused_v, fused_store)
-        data = bench_data("composite", seed, fused_v.card["data"])
+        data = bench_data("composite", seed, fused_v.card["data"], test_labels=True)
         test = data.test
         row: dict = {"seed": seed, "model_version": fused_v.version}
         prepared = PreparedSet(fused, test, fused.config.class_names)  # preprocessed once, masked below

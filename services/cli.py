@@ -468,15 +468,33 @@ def cmd_train(args: argparse.Namespace) -> int:
                       soft_targets=args.soft_targets, photometric_jitter=args.photometric_jitter,
                       affine_jitter=args.affine_jitter)
     modalities = args.modalities.split(",") if args.modalities else None
-    for seed in args.seeds or [args.seed]:
-        version = train_bench(args.bench, seed, dataclasses.replace(cfg, seed=seed),
-                              store_root=args.store, out_root=args.out, modalities=modalities, dim=args.dim,
-                              image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
-                              overrides=args.model_set, val_fraction=args.val_fraction, keep=_keep(args.seeds))
-        last = version.card["history"][-1]
-        print(json.dumps({"bench": args.bench, "seed": seed, "version": version.version, "store": str(version.path),
-                          "last_epoch": last}, default=str), flush=True)
+    seeds = args.seeds or [args.seed]
+    if args.train_seed is not None and len(seeds) != 1:
+        raise ConfigError("--train-seed repeats the training of one split: give one --seed with it")
+    if args.fold is not None and args.bench != "bearings":
+        raise ConfigError("--fold applies to bearings (the cross-validated bench) only")
+    folds = _folds(args.bench, args.fold)
+    for seed in seeds:
+        for fold in folds:
+            version = train_bench(args.bench, seed, dataclasses.replace(
+                                      cfg, seed=seed if args.train_seed is None else args.train_seed),
+                                  store_root=args.store, out_root=args.out, modalities=modalities, dim=args.dim,
+                                  image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
+                                  overrides=args.model_set, val_fraction=args.val_fraction,
+                                  keep=_keep(args, seeds), fold=fold)
+            last = version.card["history"][-1]
+            print(json.dumps({"bench": args.bench, "seed": seed, "fold": fold, "version": version.version,
+                              "store": str(version.path), "last_epoch": last}, default=str), flush=True)
     return 0
+
+
+def _folds(bench: str, fold: int | None) -> list[int | None]:
+    """The folds a command works through: every fold of a cross-validated bench unless one is named."""
+    from inspection.benches import BEARINGS_FOLDS
+
+    if bench != "bearings":
+        return [None]
+    return list(range(BEARINGS_FOLDS)) if fold is None else [fold]
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -492,7 +510,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         targets = [args.version] if args.version else _uncalibrated_latest(store, args.seeds)
         for version in targets:
             v = calibrate_version(args.store, name, version, method=args.method, target_far=args.target_far,
-                                  device=args.device, threshold=args.threshold, keep=_keep(args.seeds))
+                                  device=args.device, threshold=args.threshold, keep=_keep(args, args.seeds))
             print(json.dumps({"model": name, "from": version, "version": v.version,
                               "calibration": v.card["calibration"]}, default=_plain_json), flush=True)
     return 0
@@ -509,25 +527,31 @@ def _plain_json(obj):
     return str(obj)
 
 
-def _keep(seeds) -> int:
-    """Versions a store keeps while a command works through ``seeds``: at least one per seed, so that saving one
-    seed's model never prunes another seed's (trained, or waiting for its threshold)."""
+def _keep(args: argparse.Namespace, seeds) -> int:
+    """Versions a store keeps while a command works through ``seeds`` (and every fold of a cross-validated bench):
+    ``--keep`` when given, else at least one per seed and fold, so that saving one model never prunes another
+    (trained, or waiting for its threshold)."""
     from inspection.store import DEFAULT_KEEP
 
-    return max(DEFAULT_KEEP, len(seeds or ()))
+    if args.keep is not None:
+        if args.keep < 1:
+            raise ConfigError(f"--keep must be at least 1; got {args.keep}")
+        return args.keep
+    return max(DEFAULT_KEEP, len(seeds or ()) * len(_folds(args.bench, None)))
 
 
 def _uncalibrated_latest(store, seeds) -> list[str]:
-    """The newest uncalibrated version per seed, in store order (or the promoted one when no seeds are given)."""
+    """The newest uncalibrated version per seed (per fold and training run), in store order (or the promoted one
+    when no seeds are given)."""
     if not seeds:
         promoted = store.promoted()
         if promoted is None:
             raise ConfigError(f"no promoted model in {store.root}")
         return [promoted.version]
     versions = store.versions()  # oldest first
-    latest = {v.card["seed"]: v.version for v in versions
-              if v.card.get("seed") in seeds and not v.card.get("threshold_version")}
-    missing = [s for s in seeds if s not in latest]
+    latest = {(v.card["seed"], v.card.get("fold"), v.card.get("train_seed", v.card["seed"])): v.version
+              for v in versions if v.card.get("seed") in seeds and not v.card.get("threshold_version")}
+    missing = [s for s in seeds if s not in {key[0] for key in latest}]
     if missing:
         raise ConfigError(f"{store.root} has no uncalibrated model for seed(s) {missing}")
     # In store order, oldest first: each calibrated save prunes the store's oldest versions beyond one per seed
@@ -800,6 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--bench", choices=bench_choices, required=True)
     tr.add_argument("--seed", type=int, default=0, help="split and training seed")
     tr.add_argument("--seeds", type=int, nargs="*", help="train one model per seed (overrides --seed)")
+    tr.add_argument("--train-seed", type=int,
+                    help="training seed, when it differs from the split seed (repeat runs on one split)")
+    tr.add_argument("--fold", type=int, help="bearings: train this cross-validation fold only (default: every fold)")
     tr.add_argument("--modalities", help="comma-separated subset (composite single-modality baselines)")
     tr.add_argument("--epochs", type=int, default=20)
     tr.add_argument("--batch-size", type=int, default=32)
@@ -829,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--store", default="models", help="model store root")
     tr.add_argument("--out", default="runs", help="run folder root (checkpoints, curves)")
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    tr.add_argument("--keep", type=int, help="versions the store keeps (default: one per seed and fold, at least 3)")
     tr.set_defaults(func=cmd_train)
 
     ca = sub.add_parser("calibrate", help="choose per-line thresholds on validation data; saves a new version")
@@ -843,6 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--target-far", type=float, default=0.01)
     ca.add_argument("--device", default="cpu")
     ca.add_argument("--store", default="models")
+    ca.add_argument("--keep", type=int, help="versions the store keeps (default: one per seed and fold, at least 3)")
     ca.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("evaluate", help="evaluate calibrated models on a benchmark's test split")
