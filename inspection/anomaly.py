@@ -378,7 +378,14 @@ def _is_number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class SlopeT2Config:
-    """Attributes:
+    """Configuration of :class:`SlopeT2Detector`.
+
+    The defaults are label-free: a rule fixed before any labelled data is scored (for SKAB, the a-priori
+    configuration ``inspection.skab_protocol.A_PRIORI``): lag and box window of one minute at 1 Hz, the usual
+    control-chart limit (0.99 quantile of the fitting rows' own scores, factor 1) and no persistence rule. They
+    are not tuned on any labelled file.
+
+    Attributes:
     channels: names of the input columns, in order (for SKAB, ``inspection.data.skab.FEATURES``).
     differenced: channels that enter only as their ``lag``-row difference x[t] − x[t−lag] (channels whose level
         drifts in normal operation, e.g. temperatures); every other channel enters as its level. Features are
@@ -403,7 +410,7 @@ class SlopeT2Config:
     window: int = 60
     rate: float = 0.1
     warmup: int = 60
-    quantile: float = 0.999
+    quantile: float = 0.99
     factor: float = 1.0
     rule: str = "all"
     persistence: int = 1

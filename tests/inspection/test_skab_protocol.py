@@ -1,5 +1,6 @@
 """The slope-T² detector and SKAB's leave-one-folder-out selection: closed forms, causality, streaming, real SKAB
-rows with injected faults, and the evaluate command against the published reproduction anchors."""
+rows with injected faults, the evaluate command against the published reproduction anchors, the a-priori
+configuration, false alarms on long normal runs and the bootstrap interval."""
 
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ ANCHOR_CHOICES = {
               "persistence": 1},
 }
 SUMMARY_KEYS = {"benchmark", "metric", "value", "far", "mar", "baselines", "split", "seed", "model_version",
-                "machine", "commit", "command", "date"}
+                "machine", "commit", "command", "date", "protocol", "n_test", "ci95", "seeds", "a_priori",
+                "normal_runs", "selection"}
+#: The cross-validated F1 must beat this harness's own Hotelling T² reproduction by at least this much.
+MARGIN_OVER_T2 = 0.05
 
 
 def _skab():
@@ -61,6 +65,38 @@ def free_segments() -> list[np.ndarray]:
     except DataError as exc:
         pytest.skip(f"SKAB folder not available: {exc}")
     return [free[s:s + SEGMENT_ROWS] for s in range(0, len(free) - SEGMENT_ROWS + 1, SEGMENT_ROWS)]
+
+
+@pytest.fixture(scope="module")
+def free_rows() -> np.ndarray:
+    try:
+        return _skab().load_skab_anomaly_free().values
+    except DataError as exc:
+        pytest.skip(f"SKAB folder not available: {exc}")
+
+
+@pytest.fixture(scope="module")
+def skab_result(skab_files, tmp_path_factory) -> dict:
+    """``skab.json`` as the evaluate command writes it (run once for the module)."""
+    from services.cli import main
+
+    folder = tmp_path_factory.mktemp("skab_results")
+    assert main(["evaluate", "--bench", "skab", "--results", str(folder)]) == 0
+    return json.loads((folder / "skab.json").read_text())
+
+
+def flipped(files, folders=None):
+    """The files with every scored label (rows after the fitting part) flipped, in ``folders`` (default all)."""
+    skab = _skab()
+    out = []
+    for f in files:
+        if folders is None or f.name.split("/", 1)[0] in folders:
+            labels = np.array(f.anomaly)
+            labels[TRAIN_ROWS:] = 1 - labels[TRAIN_ROWS:]
+            f = skab.SkabFile(name=f.name, times=f.times, values=f.values, anomaly=labels,
+                              changepoint=f.changepoint)
+        out.append(f)
+    return out
 
 
 def skab_config(**params) -> SlopeT2Config:
@@ -238,15 +274,14 @@ def test_selection_never_looks_at_the_held_out_folders_labels(skab_files):
 
 
 @pytest.mark.data
-def test_evaluate_command_writes_skab_json_reproducing_the_anchors(skab_files, tmp_path):
-    from services.cli import main
-
-    assert main(["evaluate", "--bench", "skab", "--results", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "skab.json").read_text())
+def test_evaluate_command_writes_skab_json_reproducing_the_anchors(skab_result):
+    result = skab_result
     summary = result["summary"]
     assert set(summary) >= SUMMARY_KEYS
     assert summary["benchmark"] == "skab"
     assert summary["value"] > 0.78
+    # a degraded detector must fail here: the selection has to beat this harness's plain Hotelling T² clearly
+    assert summary["value"] >= summary["baselines"]["T-squared, this harness"] + MARGIN_OVER_T2
     assert result["counts"] == ANCHOR_COUNTS
     tp, fp, tn, fn = (ANCHOR_COUNTS[k] for k in ("tp", "fp", "tn", "fn"))
     assert summary["value"] == pytest.approx(tp / (tp + (fp + fn) / 2))
@@ -262,7 +297,127 @@ def test_evaluate_command_writes_skab_json_reproducing_the_anchors(skab_files, t
                          for k in ANCHOR_COUNTS}
     assert per_folder_counts == ANCHOR_COUNTS
     assert "in-sample" in selection["deployment"]["chosen"]
+    assert "selected on test (optimistic)" in selection["deployment"]["chosen"]
     assert len(result["per_file"]) == 34
+
+
+@pytest.mark.data
+def test_summary_reports_protocol_sample_size_and_intervals(skab_result, skab_files):
+    from inspection.skab_protocol import PROTOCOL
+
+    summary = skab_result["summary"]
+    assert summary["protocol"] == PROTOCOL
+    assert summary["seeds"] == [summary["seed"]]
+    scored = sum(len(f) - TRAIN_ROWS for f in skab_files)
+    assert summary["n_test"] == scored == sum(skab_result["counts"].values())
+    prior = summary["a_priori"]
+    assert sum(prior[k] for k in ("tp", "fp", "tn", "fn")) == scored
+    for value, (lo, hi) in ((summary["value"], summary["ci95"]), (prior["f1"], prior["ci95"])):
+        assert 0 < lo <= value <= hi < 1
+        assert hi - lo > 0  # the files differ, so resampling them moves the pooled F1
+    assert prior["normal_run_far"] == summary["normal_runs"]["a_priori"]["far"]
+    folders = summary["selection"]["per_folder"]
+    assert set(summary["normal_runs"]["per_folder"]) == set(folders)
+    for folder, run in summary["normal_runs"]["per_folder"].items():
+        assert run["config"] == folders[folder]["config"]
+        assert run["far"] == folders[folder]["normal_run_far"]
+    for run in (summary["normal_runs"]["a_priori"], *summary["normal_runs"]["per_folder"].values()):
+        assert run["segments"] == len(run["per_segment"]) >= 8
+        assert min(run["per_segment"]) >= 0 and max(run["per_segment"]) == run["max_segment"] <= 100
+        assert run["far"] == pytest.approx(100 * run["alarms"] / run["rows"])
+        # equal segments: the pooled rate is the mean of the segments' rates
+        assert run["far"] == pytest.approx(np.mean(run["per_segment"]))
+
+
+@pytest.mark.data
+def test_a_priori_counts_are_those_of_its_detector_run_by_the_protocol(skab_result, skab_files):
+    from inspection.skab_protocol import A_PRIORI, a_priori_config
+
+    skab = _skab()
+    prior = skab_result["summary"]["a_priori"]
+    config = SlopeT2Config.from_dict(prior["detector"])
+    assert config == a_priori_config()
+    assert {k: getattr(config, k) for k in A_PRIORI} == dict(A_PRIORI)
+    assert prior["config"] == config.label
+    y_true, y_pred = [], []
+    for f in skab_files:
+        train, test = skab.protocol_split(f)
+        y_pred.append(SlopeT2Detector(config).fit(train.values).predict(test.values))
+        y_true.append(test.anomaly)
+    score = skab.skab_score(y_true, y_pred)
+    assert [prior[k] for k in ("tp", "fp", "tn", "fn")] == [score.tp, score.fp, score.tn, score.fn]
+    assert prior["f1"] == pytest.approx(score.f1)
+    assert prior["far"] == pytest.approx(score.far)
+    assert prior["mar"] == pytest.approx(score.mar)
+
+
+def test_a_priori_configuration_is_the_label_free_default():
+    """The class defaults are the a-priori rule, so a user who builds a detector without choosing parameters gets
+    the label-free configuration, not one tuned on the labelled files."""
+    from inspection.skab_protocol import A_PRIORI, a_priori_config, skab_slope_config
+
+    assert a_priori_config() == skab_slope_config()
+    defaults = SlopeT2Config(channels=("a",))
+    assert {k: getattr(defaults, k) for k in A_PRIORI} == dict(A_PRIORI)
+
+
+@pytest.mark.data
+def test_a_priori_configuration_does_not_depend_on_labels(skab_result, skab_files, free_rows):
+    """Flipping every scored label of every labelled file leaves the a-priori configuration and its false alarms
+    on normal runs as they are; only its score changes, and exactly as flipped labels must: TP <-> FP,
+    TN <-> FN."""
+    from inspection.skab_protocol import slope_t2_result
+
+    before = skab_result["summary"]["a_priori"]
+    after_summary, _ = slope_t2_result(flipped(skab_files), free_rows)
+    after = after_summary["a_priori"]
+    assert after["detector"] == before["detector"] and after["config"] == before["config"]
+    assert after_summary["normal_runs"]["a_priori"] == skab_result["summary"]["normal_runs"]["a_priori"]
+    assert (after["tp"], after["fp"], after["tn"], after["fn"]) == (before["fp"], before["tp"], before["fn"],
+                                                                    before["tn"])
+    assert after["f1"] != pytest.approx(before["f1"])
+
+
+@pytest.mark.data
+def test_normal_run_far_equals_a_hand_computation(skab_result, free_rows):
+    from inspection.skab_protocol import SEGMENT_ROWS, a_priori_config, normal_run_far
+
+    summary = skab_result["summary"]
+    runs = {"a_priori": (a_priori_config(), summary["normal_runs"]["a_priori"])}
+    for folder, info in summary["selection"]["per_folder"].items():
+        runs[folder] = (SlopeT2Config.from_dict(info["detector"]), summary["normal_runs"]["per_folder"][folder])
+    segments = len(free_rows) // SEGMENT_ROWS
+    for name, (config, reported) in runs.items():
+        assert reported["segments"] == segments, name
+        assert reported["rows"] == segments * (SEGMENT_ROWS - TRAIN_ROWS), name
+        for k in (1, segments - 1):  # one segment by hand: fit on its first 400 rows, predict the rest
+            seg = free_rows[k * SEGMENT_ROWS:(k + 1) * SEGMENT_ROWS]
+            pred = SlopeT2Detector(config).fit(seg[:TRAIN_ROWS]).predict(seg[TRAIN_ROWS:])
+            assert reported["per_segment"][k] == pytest.approx(100 * pred.mean()), (name, k)
+    computed = normal_run_far(a_priori_config(), free_rows)
+    assert computed.to_dict() == summary["normal_runs"]["a_priori"]
+    # a threshold far above every score never alarms; one below every score always does
+    quiet = normal_run_far(dataclasses.replace(a_priori_config(), quantile=1.0, factor=1e9), free_rows)
+    loud = normal_run_far(dataclasses.replace(a_priori_config(), factor=1e-9), free_rows)
+    assert quiet.far == quiet.max_segment == 0.0 and loud.far == loud.max_segment == 100.0
+
+
+def test_bootstrap_interval_of_pooled_f1():
+    from inspection.skab_protocol import bootstrap_f1_ci, pooled_f1
+
+    same = np.array([[8, 2, 30, 4]] * 5)
+    f1 = float(pooled_f1(same[0]))
+    assert bootstrap_f1_ci(same) == pytest.approx((f1, f1))  # resampling identical files changes nothing
+    # two files: a resample is AA, AB or BB (a quarter of the draws each), so the 2.5 % and 97.5 % quantiles are
+    # the two files' own F1 values
+    two = np.array([[9, 1, 20, 0], [1, 5, 20, 8]])
+    lo, hi = bootstrap_f1_ci(two)
+    assert (lo, hi) == pytest.approx(tuple(sorted(pooled_f1(two))))
+    spread = np.random.default_rng(3).integers(0, 50, (30, 4))  # 30 files with varied counts
+    assert bootstrap_f1_ci(spread) == bootstrap_f1_ci(spread)  # fixed seed: reproducible
+    assert bootstrap_f1_ci(spread) != bootstrap_f1_ci(spread, seed=1)
+    with pytest.raises(ConfigError, match=r"\[N, 4\]"):
+        bootstrap_f1_ci(np.zeros((3, 3)))
 
 
 # ------------------------------------------------------------------------------------------ errors
