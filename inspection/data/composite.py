@@ -41,8 +41,9 @@ from inspection.records import (
 
 log = logging.getLogger(__name__)
 
-Split = Literal["train", "test"]
-SPLITS: tuple[str, ...] = ("train", "test")
+Split = Literal["train", "test", "val"]
+#: The splits, in the order that seeds each unit's draw (``val`` last, so adding it left every test unit as it was).
+SPLITS: tuple[str, ...] = ("train", "test", "val")
 SKAB_TRAIN_ROWS = 400
 EPOCH = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)
 
@@ -62,6 +63,10 @@ class CompositeConfig:
         min_temperature_z: how far (in training standard deviations) a temperature window's mean must move to
             count as a temperature culprit.
         test_fraction: share of ELPV images and SKAB files held out for the test split.
+        val_fraction: share of the training split's ELPV images and SKAB files held out as the validation split's
+            sources (and of the anomaly-free file's training rows); the validation split also takes one training
+            bearing recording per class (drawn with the seed) from every class that has two or more. Validation
+            units never share a source with training or test units.
         line_ids: production lines to spread units over (round robin).
         temperature_source: ``auto`` (SKAB when its folder exists, else the simulator), ``skab`` or ``synthetic``.
         skab_root: SKAB folder (default: see :func:`inspection.data.skab.skab_root`).
@@ -77,6 +82,7 @@ class CompositeConfig:
     temperature_hop: int = 10
     min_temperature_z: float = 3.0
     test_fraction: float = 0.25
+    val_fraction: float = 0.2
     line_ids: tuple[str, ...] = ("line-1",)
     temperature_source: str = "auto"
     skab_root: str | None = None
@@ -93,6 +99,8 @@ class CompositeConfig:
             raise ConfigError("temperature_window must be >= 8 samples and temperature_hop >= 1")
         if self.temperature_source not in ("auto", "skab", "synthetic"):
             raise ConfigError(f"temperature_source must be auto, skab or synthetic; got {self.temperature_source!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1); got {self.val_fraction}")
         if not self.line_ids:
             raise ConfigError("line_ids must name at least one line")
 
@@ -132,18 +140,22 @@ class CompositeBuilder:
         self.config = config
         self._elpv = elpv.load_elpv()
         vis_train, vis_test = self._elpv.split(config.seed, config.test_fraction)
+        keep, held = stratified_split([(it.grade, it.cell_type) for it in vis_train], config.val_fraction,
+                                      config.seed + 1000)
+        vis_train, vis_val = [vis_train[i] for i in keep], [vis_train[i] for i in held]
         recordings = bearings.load_bearings()
         self._recordings = {r.name: r for r in recordings}
         vib_train, vib_test = bearings.split_recordings(recordings, seed=config.bearings_split_seed)
+        vib_train, vib_val = _hold_out_recordings(vib_train, config.seed)
 
         self.temperature_source = self._resolve_temperature_source(skab)
         self._skab: dict = {}
         self._pools = {s: _Pools() for s in SPLITS}
-        for split, items in (("train", vis_train), ("test", vis_test)):
+        for split, items in (("train", vis_train), ("val", vis_val), ("test", vis_test)):
             pool = self._pools[split]
             for it in items:
                 (pool.vision_bad if it.defective else pool.vision_ok).append(it)
-        for split, recs in (("train", vib_train), ("test", vib_test)):
+        for split, recs in (("train", vib_train), ("val", vib_val), ("test", vib_test)):
             pool = self._pools[split]
             for rec in recs:
                 length = int(round(config.vibration_window_s * rec.sample_rate_hz))
@@ -202,23 +214,26 @@ class CompositeBuilder:
         names = sorted(per_file)
         strata = [bool(per_file[n][1]) for n in names]
         train_idx, test_idx = stratified_split(strata, self.config.test_fraction, self.config.seed)
-        for split, idx in (("train", train_idx), ("test", test_idx)):
+        keep, held = stratified_split([strata[i] for i in train_idx], cfg.val_fraction, cfg.seed + 1000)
+        for split, idx in (("train", train_idx[keep]), ("val", train_idx[held]), ("test", test_idx)):
             pool = self._pools[split]
             for i in idx:
                 ok, bad = per_file[names[i]]
                 pool.temperature_ok += ok
                 pool.temperature_bad += bad
-        # the anomaly-free file: first 75 % of rows for train, the rest for test, no window crossing the cut
+        # the anomaly-free file by time: training rows, then validation rows, then the last test_fraction of rows
+        # for test; no window crosses a cut
         temps = free.channels(skab.TEMPERATURE_CHANNELS).astype(np.float64)
         self._skab[free.name] = temps
         cut = int(temps.shape[1] * (1 - cfg.test_fraction))
-        for split, lo, hi in (("train", 0, cut), ("test", cut, temps.shape[1])):
+        val_cut = int(cut * (1 - cfg.val_fraction))
+        for split, lo, hi in (("train", 0, val_cut), ("val", val_cut, cut), ("test", cut, temps.shape[1])):
             for start in range(lo, hi - cfg.temperature_window + 1, cfg.temperature_hop):
                 self._pools[split].temperature_ok.append(_Window(free.name, start, cfg.temperature_window, False, "ok"))
 
     def sources(self, split: Split) -> dict[str, set[str]]:
         """Every underlying item a split may draw from: ELPV image names, bearing recordings, and SKAB files
-        (the anomaly-free file as ``name@first_row-last_row`` segments). Train and test never share one."""
+        (the anomaly-free file as ``name@first_row-last_row`` segments). No two splits share one."""
         pool = self._pools[split]
         temperature: set[str] = set()
         free_rows = [(w.start, w.start + w.length - 1) for w in pool.temperature_ok if w.source == "anomaly-free"]
@@ -299,6 +314,17 @@ class CompositeBuilder:
         label = Label(defect=bool(culprits), defect_class=defect_class, culprits=culprits, severity=severity)
         return Unit(unit_id, line_id, vision=vision, vibration=vibration, temperature=temperature, label=label,
                     provenance=provenance)
+
+
+def _hold_out_recordings(recordings: list, seed: int) -> tuple[list, list]:
+    """(training, validation) recordings: per class with two or more recordings, one drawn with ``seed``."""
+    rng = np.random.default_rng([int(seed), 4])
+    held = set()
+    for klass in sorted({r.label for r in recordings}):
+        names = sorted(r.name for r in recordings if r.label == klass)
+        if len(names) >= 2:
+            held.add(str(rng.choice(names)))
+    return [r for r in recordings if r.name not in held], [r for r in recordings if r.name in held]
 
 
 def _pick(rng: np.random.Generator, pool: list):

@@ -32,14 +32,34 @@ def test_units(builder):
 
 
 def test_sources_never_cross_splits(builder):
-    train, test = builder.sources("train"), builder.sources("test")
+    sources = {split: builder.sources(split) for split in ("train", "val", "test")}
     for modality in ("vision", "vibration", "temperature"):
-        assert train[modality] and test[modality]
-        assert not train[modality] & test[modality], modality
-    # the anomaly-free SKAB file is split in time: its train rows end before its test rows begin
-    (tr,) = [s for s in train["temperature"] if s.startswith("anomaly-free@")]
-    (te,) = [s for s in test["temperature"] if s.startswith("anomaly-free@")]
-    assert int(tr.split("@")[1].split("-")[1]) < int(te.split("@")[1].split("-")[0])
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            assert sources[a][modality] and sources[b][modality]
+            assert not sources[a][modality] & sources[b][modality], (modality, a, b)
+    # validation holds out one bearing recording of each class (ok, inner race, outer race)
+    assert len(sources["val"]["vibration"]) == 3
+    # the anomaly-free SKAB file is split in time: train rows, then validation rows, then test rows
+    spans = {}
+    for split, found in sources.items():
+        (span,) = [s for s in found["temperature"] if s.startswith("anomaly-free@")]
+        spans[split] = tuple(int(x) for x in span.split("@")[1].split("-"))
+    assert spans["train"][1] < spans["val"][0] <= spans["val"][1] < spans["test"][0]
+
+
+def test_validation_units_draw_only_from_held_out_sources_and_keep_test_units_as_they_were(builder):
+    allowed = builder.sources("val")
+    units = builder.units("val", 60)
+    for u in units:
+        assert u.provenance["vision"].removeprefix("elpv:") in allowed["vision"]
+        assert u.provenance["vibration"].removeprefix("bearings:").split("@")[0] in allowed["vibration"]
+    assert 0 < sum(u.label.defect for u in units) < len(units)
+    assert {u.unit_id for u in units}.isdisjoint({u.unit_id for u in builder.units("test", 60)})
+    # how much of the training split validation takes changes no test unit
+    other = CompositeBuilder(CompositeConfig(seed=7, val_fraction=0.35))
+    assert [dict(u.provenance) for u in other.units("test", 30)] == [dict(u.provenance)
+                                                                     for u in builder.units("test", 30)]
+    assert other.sources("val")["vision"] != allowed["vision"]
 
 
 def test_units_draw_only_from_their_split(builder, test_units):
@@ -120,7 +140,7 @@ def test_synthetic_temperature_fallback_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(defect_rate=1.5), dict(temperature_source="sometimes"), dict(line_ids=()),
-                                 dict(temperature_window=2)])
+                                 dict(temperature_window=2), dict(val_fraction=0.0), dict(val_fraction=1.0)])
 def test_config_is_validated(bad):
     with pytest.raises(ConfigError):
         CompositeConfig(**bad)
