@@ -196,15 +196,16 @@ def band_pointing(store: Path, device: str, budget: int, seed: int, masking: str
 
     from explain import explain
     from explain.api import model_groups
-    from inspection.benches import bearings_bench
     from inspection.data.bearings import fault_frequencies, load_bearings
+    from inspection.experiments import bench_data
     from inspection.store import ModelStore
     from services.scoring import load_serving_model
 
     serving = load_serving_model(ModelStore(store), None, torch.device(device))
     model = serving.model
-    data = bearings_bench(seed)
-    test = data.test
+    card = ModelStore(store).get(serving.version).card
+    # the test split of the fold this model was trained on (labels opened for scoring)
+    test = bench_data("bearings", card["seed"], card["data"], test_labels=True).test
     probs = np.concatenate([probability(model, test[lo:lo + 64]) for lo in range(0, len(test), 64)])
     threshold = float(model.threshold_for(torch.tensor([model.line_slot("bearings")])).item())
     accuracy = float(np.mean((probs >= threshold) == np.array([u.label.defect for u in test])))

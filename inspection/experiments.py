@@ -115,8 +115,8 @@ def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Pa
         unknown = set(modalities) - set(MODALITIES)
         if unknown:
             raise ConfigError(f"unknown modalities {sorted(unknown)}; known: {MODALITIES}")
-        keep = set(modalities)
-        drop = [m for m in MODALITIES if m not in keep]
+        wanted = set(modalities)
+        drop = [m for m in MODALITIES if m not in wanted]
         data.train = [u.without(*drop) for u in data.train]
         data.val = [u.without(*drop) for u in data.val]
     cfg = default_model_config(bench, dim=dim, image_size=image_size, modalities=modalities, moe=moe,

@@ -86,3 +86,8 @@ def test_training_and_calibration_run_on_a_fold_without_any_test_label(tmp_path)
     assert calibrated.card["calibration"]["n_units"]["*"] == card["data"]["n_val"]
     # the calibrated model's split is rebuilt from its card, and the fold is checked against it
     assert bench_data("bearings", 0, calibrated.card["data"]).fold == 3
+    # a model restricted to some modalities (the composite baselines' path) trains and saves as well
+    only = train_bench("bearings", 0, TrainConfig(epochs=1, batch_size=64, device="cpu", seed=0),
+                       store_root=tmp_path / "models", out_root=tmp_path / "runs", dim=32, overrides=small,
+                       progress=False, fold=3, modalities=["vibration"])
+    assert only.card["name"] == "bearings-vibration" and only.card["modalities"] == ["vibration"]
