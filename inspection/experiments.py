@@ -30,6 +30,7 @@ from inspection.evaluation import (
     write_result,
 )
 from inspection.model import InspectionModel, ModelConfig
+from inspection.progress import Progress, format_duration
 from inspection.records import MODALITIES, Unit
 from inspection.store import DEFAULT_KEEP, ModelStore, ModelVersion
 from inspection.training import PreparedSet, TrainConfig, predict, train_supervised
@@ -105,7 +106,7 @@ def bench_data(bench: str, seed: int, card_data: dict | None = None, val_fractio
 
 def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Path | str, out_root: Path | str,
                 modalities: Sequence[str] | None = None, dim: int = 256, image_size: int = 224, moe: bool = True,
-                resume: bool = False, progress: bool = True, overrides: Sequence[str] = (),
+                resume: bool = False, progress: bool | Progress = True, overrides: Sequence[str] = (),
                 val_fraction: float | None = None, keep: int = DEFAULT_KEEP, fold: int | None = None) -> ModelVersion:
     """Train one model on a bench split and save it (uncalibrated) to its store, which then keeps its newest
     ``keep`` versions. ``val_fraction`` (elpv only) sets the share of the training split held out for validation;
@@ -140,9 +141,15 @@ def train_bench(bench: str, seed: int, train_cfg: TrainConfig, *, store_root: Pa
 
 def calibrate_version(store_root: Path | str, name: str, version: str | None = None, *, method: str = "max_f1",
                       target_far: float = 0.01, device: str = "cpu", threshold: float | None = None,
-                      keep: int = DEFAULT_KEEP) -> ModelVersion:
+                      keep: int = DEFAULT_KEEP, progress: bool | Progress = True, data_path: str | None = None,
+                      labels_path: str | None = None) -> ModelVersion:
     """Calibrate a stored model on its bench's validation units (``method="fixed"``: set ``threshold`` for every
-    line, no validation data); saves a new, promoted version (the store then keeps its newest ``keep``)."""
+    line, no validation data); saves a new, promoted version (the store then keeps its newest ``keep``).
+    A model trained on own data (its card has ``source``) calibrates on its validation units rebuilt from the
+    files it was trained on, checked by digest; ``data_path`` / ``labels_path`` say where they are now if moved.
+    ``progress`` as in :func:`~inspection.training.train_supervised`: bars for preprocessing and scoring on a
+    terminal, else one line when done."""
+    report = Progress.of(progress)
     store = ModelStore(Path(store_root) / name, keep=keep)
     base = store.get(version) if version else store.promoted()
     if base is None:
@@ -152,24 +159,43 @@ def calibrate_version(store_root: Path | str, name: str, version: str | None = N
         if threshold is None:
             raise ConfigError("method 'fixed' needs a threshold (--threshold)")
         model, cal = fixed_calibration(model, threshold)
-        return _save_calibrated(store, base, model, card, cal)
+        saved = _save_calibrated(store, base, model, card, cal)
+        report.line(f"calibrated {name} {base.version} -> {saved.version}: fixed threshold {threshold}")
+        return saved
     if threshold is not None:
         raise ConfigError(f"a threshold is given only with method 'fixed'; {method!r} chooses it on validation data")
-    data = bench_data(card["bench"], card["seed"], card["data"])
-    if not data.val:
-        raise ConfigError(f"model {base.version} was trained without validation units (validation fraction 0): "
-                          "calibrate it with --method fixed --threshold T")
+    if card.get("source") is not None:  # trained on own data (inspection.own_training)
+        from inspection.data.own_data import rebuild_validation
+
+        val_units = rebuild_validation(card["source"], card["split"], data=data_path, labels=labels_path)
+    else:
+        if data_path is not None or labels_path is not None:
+            raise ConfigError(f"model {base.version} was trained on the {card.get('bench')} bench; --data and "
+                              "--labels apply to models trained on own data (`inspection train --data`)")
+        data = bench_data(card["bench"], card["seed"], card["data"])
+        if not data.val:
+            raise ConfigError(f"model {base.version} was trained without validation units (validation fraction 0): "
+                              "calibrate it with --method fixed --threshold T")
+        val_units = data.val
     drop = [m for m in MODALITIES if m not in card["modalities"]]
-    val = [u.without(*drop) for u in data.val] if drop else data.val
+    val = [u.without(*drop) for u in val_units] if drop else val_units
     model.to(device)
-    prepared = PreparedSet(model, val, model.config.class_names)
-    pred = predict(model, prepared, torch.device(device))
+    started = report.clock()
+    stage = report.stage("calibrate: preprocess", len(val))
+    prepared = PreparedSet(model, val, model.config.class_names, stage.update)
+    stage.close()
+    stage = report.stage("calibrate: score", len(val))
+    pred = predict(model, prepared, torch.device(device), on_batch=stage.update)
+    stage.close()
     # a model restricted to some modalities is calibrated on the defects it can see (its culprits); the full
     # model on the unit's label
     seen = set(card["modalities"])
     labels = np.array([bool(u.label.culprits & seen) for u in val])
     model, cal = calibrate(model.cpu(), pred["score"], labels, [u.line_id for u in val], method, target_far)
-    return _save_calibrated(store, base, model, card, cal)
+    saved = _save_calibrated(store, base, model, card, cal)
+    report.line(f"calibrated {name} {base.version} -> {saved.version}: {method} on {len(val)} validation units in "
+                f"{format_duration(report.clock() - started)}")
+    return saved
 
 
 def _save_calibrated(store: ModelStore, base: ModelVersion, model: InspectionModel, card: dict,

@@ -10,7 +10,8 @@ step each MoE layer's expert bias moves toward balanced load (aux-loss-free bala
 Everything is preprocessed once (numpy) and held as tensors; vision augmentation (flips, 90° rotations) runs on
 the batch on the training device. bf16 autocast on CUDA, fp32 on CPU. A checkpoint (safetensors + JSON, no pickle)
 is written after every epoch; ``resume=True`` continues from it. Per-epoch shuffles derive from (seed, epoch),
-so a resumed run sees the same batches as an uninterrupted one.
+so a resumed run sees the same batches as an uninterrupted one. Progress (preprocessing, then each epoch) goes to
+stderr through :mod:`inspection.progress`: a bar on a terminal, one line per epoch elsewhere.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from inspection.config import from_dict
 from inspection.errors import ConfigError, DataError
 from inspection.model import Batch, InspectionModel, ModelConfig
+from inspection.progress import Meter, Progress, format_duration
 from inspection.records import MODALITIES, Unit
 
 log = logging.getLogger(__name__)
@@ -383,10 +385,12 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
 
 @torch.no_grad()
 def predict(model: InspectionModel, data: PreparedSet, device: torch.device, batch_size: int = 64,
-            tta: bool = False, amp: bool = True, hide: Sequence[str] = ()) -> dict[str, np.ndarray]:
+            tta: bool = False, amp: bool = True, hide: Sequence[str] = (),
+            on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Scores of a prepared set: ``score [B]`` (defect probability), ``class_prob [B, K]``,
     ``modality_score [B, M]`` (NaN where absent). ``tta`` averages the 8 flips/rotations of images; ``hide``
-    masks modalities out, which is the same computation as units without them."""
+    masks modalities out, which is the same computation as units without them. ``on_batch`` is called with the
+    number of units of each batch once it is scored (progress)."""
     model.eval()
     shown = torch.tensor([m not in hide for m in MODALITIES], dtype=torch.bool)
     scores, probs, mods = [], [], []
@@ -413,6 +417,8 @@ def predict(model: InspectionModel, data: PreparedSet, device: torch.device, bat
         m = torch.sigmoid(mod).cpu()
         m[~present.cpu()] = float("nan")
         mods.append(m)
+        if on_batch is not None:
+            on_batch(len(idx))
     return {"score": torch.cat(scores).numpy(), "class_prob": torch.cat(probs).numpy(),
             "modality_score": torch.cat(mods).numpy()}
 
@@ -447,18 +453,29 @@ def train_supervised(
     out_dir: Path | str,
     *,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | Progress = True,
     stop_after_epoch: int | None = None,
 ) -> TrainResult:
     """Train a model on labelled units; writes ``checkpoint.*``, ``history.json``, ``curves.png`` and
     ``train_config.json`` / ``model_config.json`` (the resolved configs) into ``out_dir``.
 
-    ``stop_after_epoch`` ends this run early, as an interruption would, leaving the checkpoint for ``resume``
-    (for time-limited jobs); the schedule still spans ``cfg.epochs``.
+    ``resume`` continues from the checkpoint in ``out_dir`` and is an error when there is none (a silent fresh
+    start would cost the whole run again). ``stop_after_epoch`` ends this run early, as an interruption would,
+    leaving the checkpoint for ``resume`` (for time-limited jobs); the schedule still spans ``cfg.epochs``.
+    ``progress``: True reports preprocessing and epochs on stderr (a bar on a terminal, else one line per epoch:
+    ``epoch 3/20  train_loss 0.412  val_loss 0.388  val_auroc 0.913  312 units/s  eta 4m10s``, the validation
+    fields when measured), False is quiet, a :class:`Progress` chooses the stream and form.
     """
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoint"
+    if resume:
+        missing = [p.name for p in (ckpt.with_suffix(".json"), ckpt.with_suffix(".safetensors")) if not p.exists()]
+        if missing:
+            raise ConfigError(f"resume asked for, but the run folder {out_dir} has no checkpoint "
+                              f"({', '.join(missing)} missing); train without resume to start afresh, or resume "
+                              "with the run folder root, seed, fold and training seed of the interrupted run "
+                              "(they name its folder)")
+    report = Progress.of(progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -467,11 +484,12 @@ def train_supervised(
     (out_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=1))
     (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
-    bar = tqdm(total=len(train_units) + len(val_units or ()), desc="preprocess", unit="unit", disable=None if progress else True)
+    prep = report.stage("preprocess", len(train_units) + len(val_units or ()))
     soft = cfg.soft_targets
-    train = PreparedSet(model, train_units, model_config.class_names, bar.update, soft_targets=soft)
-    val = PreparedSet(model, val_units, model_config.class_names, bar.update, soft_targets=soft) if val_units else None
-    bar.close()
+    train = PreparedSet(model, train_units, model_config.class_names, prep.update, soft_targets=soft)
+    val = (PreparedSet(model, val_units, model_config.class_names, prep.update, soft_targets=soft)
+           if val_units else None)
+    prep.close(prep.done_line())
     fit_n = min(len(train), 2048)
     model.fit_normalisation(train.take(torch.arange(fit_n))[0])
     model.to(device)
@@ -485,11 +503,10 @@ def train_supervised(
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(total * cfg.warmup_frac))
-    ckpt = out_dir / "checkpoint"
     history: list[dict] = []
     start_epoch = 0
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if resume and ckpt.with_suffix(".json").exists():
+    if resume:
         start_epoch, history = _load_checkpoint(ckpt, model, opt, average)
         log.info("resumed from epoch %d", start_epoch)
     moe_layers = [layer.ffn for layer in model.bridge.layers if hasattr(layer.ffn, "update_bias")]
@@ -497,12 +514,13 @@ def train_supervised(
     t_start = time.monotonic()
     best: tuple[tuple, int, dict] | None = None
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
+    run = Meter(len(train) * max(0, last_epoch - start_epoch), report.clock)  # the whole run's rate and ETA
     for epoch in range(start_epoch, last_epoch):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(len(train), generator=gen)
         sums: dict[str, float] = {}
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress else True)
+        bar = report.stage(f"epoch {epoch + 1}/{cfg.epochs}", len(train))
         for s in range(steps_per_epoch):
             step = epoch * steps_per_epoch + s
             for g, lr in zip(opt.param_groups, base_lrs, strict=True):
@@ -528,9 +546,9 @@ def train_supervised(
                 layer.update_bias(stats.counts.to(layer.expert_bias.device))
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['loss']:.3f}")
-        bar.close()
+            run.update(len(idx))
+            bar.update(len(idx), batch=f"{s + 1}/{steps_per_epoch}", loss=f"{parts['loss']:.3f}",
+                       run_eta=format_duration(run.rate_and_eta()[1]))
         row = {"epoch": epoch + 1, "train_loss": sums["loss"] / steps_per_epoch,
                **{f"train_{k}": v / steps_per_epoch for k, v in sums.items() if k != "loss"}}
         if out.router_stats:
@@ -543,6 +561,9 @@ def train_supervised(
             row.update(_val_metrics(model, val, device, cfg))
         history.append(row)
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+        shown = {k: f"{row[k]:.3f}" for k in ("train_loss", "val_loss", "val_auroc") if k in row}
+        bar.close(f"epoch {epoch + 1}/{cfg.epochs}  " + "".join(f"{k} {v}  " for k, v in shown.items())
+                  + run.summary(), **shown, run_eta=format_duration(run.rate_and_eta()[1]))
         if val is not None and cfg.select_best:
             score = _selection_score(row)
             if best is None or score > best[0]:

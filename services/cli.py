@@ -6,7 +6,8 @@ Commands::
     inspection topics create          create the co-partitioned input topics, decisions and dlq
     inspection produce                publish units of a data set (or history file) to the input topics
     inspection consume --topic T      print decoded records of a topic as JSON lines
-    inspection data info|fetch        data set sizes and licences; fetch the bearing recordings
+    inspection data info|fetch|export data set sizes and licences; fetch the bearing recordings; export bundled data
+                                      as Parquet history or an image folder (docs/own-data.md)
     inspection serve --config F       the stream service: join, score, explain, decide (docs/service.md)
     inspection demo                   broker -> topics -> produce -> serve -> decisions, on real data
     inspection explain --history H    explanation reports (JSON + HTML) of archived units, and an index
@@ -261,6 +262,34 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_export(args: argparse.Namespace) -> int:
+    """Bundled data in the own-data formats, so `inspection train --data` can be tried without a broker."""
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1; got {args.limit}")
+    if args.images:
+        from inspection.data.own_data import export_elpv_folder
+
+        if args.labels_out:
+            raise ConfigError("--labels-out applies to history; an image folder is labelled by its layout")
+        counts = export_elpv_folder(args.out, args.limit, seed=args.seed)
+        print(json.dumps({"folder": str(args.out), "images": counts}))
+        return 0
+    from inspection.data.composite import CompositeBuilder, CompositeConfig
+    from inspection.data.history import write_history
+    from inspection.data.own_data import write_labels
+
+    builder = CompositeBuilder(CompositeConfig(seed=args.seed, temperature_source=args.temperature))
+    units = builder.units(args.split, args.limit)
+    if args.labels_out:
+        write_labels(args.labels_out, units)
+        units = [dataclasses.replace(u, label=None) for u in units]
+    n = write_history(args.out, units)
+    print(json.dumps({"history": str(args.out), "units": n, "labels": str(args.labels_out) if args.labels_out else
+                      None, "source": f"composite {args.split} split, seed {args.seed}, temperature from "
+                                      f"{builder.temperature_source}"}))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from inspection.data.composite import CompositeBuilder, CompositeConfig
@@ -467,6 +496,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                       seed=args.seed, device=args.device, amp=not args.no_amp, ema_decay=args.ema_decay,
                       soft_targets=args.soft_targets, photometric_jitter=args.photometric_jitter,
                       affine_jitter=args.affine_jitter)
+    if args.mode != "supervised":
+        raise ConfigError("--mode normal-only is not yet available: train --mode supervised (the default) on "
+                          "labelled data")
+    if args.data is not None:
+        return _train_data(args, cfg)
+    given = [flag for flag, value in (("--labels", args.labels), ("--line", args.line), ("--name", args.name),
+                                      ("--allow-mixed-rates", args.allow_mixed_rates)) if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply to --data (a plant's own data), not to --bench")
     modalities = args.modalities.split(",") if args.modalities else None
     seeds = args.seeds or [args.seed]
     if args.train_seed is not None and len(seeds) != 1:
@@ -480,11 +518,39 @@ def cmd_train(args: argparse.Namespace) -> int:
                                       cfg, seed=seed if args.train_seed is None else args.train_seed),
                                   store_root=args.store, out_root=args.out, modalities=modalities, dim=args.dim,
                                   image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
+                                  progress=args.progress,
                                   overrides=args.model_set, val_fraction=args.val_fraction,
                                   keep=_keep(args, seeds), fold=fold)
             last = version.card["history"][-1]
             print(json.dumps({"bench": args.bench, "seed": seed, "fold": fold, "version": version.version,
                               "store": str(version.path), "last_epoch": last}, default=str), flush=True)
+    return 0
+
+
+def _train_data(args: argparse.Namespace, cfg) -> int:
+    """``inspection train --data``: one supervised model on a plant's own history or image folder
+    (docs/own-data.md); prints what it trained on, the counted skips and where the model went."""
+    from inspection.data.own_data import DEFAULT_VAL_FRACTION, resolve_data
+    from inspection.own_training import train_data
+
+    given = [flag for flag, value in (("--seeds", args.seeds), ("--train-seed", args.train_seed),
+                                      ("--fold", args.fold), ("--modalities", args.modalities)) if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply to --bench; --data trains one model (--seed) on the modalities "
+                          "its units hold")
+    fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    spec = resolve_data(args.data, labels=args.labels, line=args.line, val_fraction=fraction,
+                        allow_mixed_rates=args.allow_mixed_rates)
+    version, data = train_data(spec, cfg, store_root=args.store, out_root=args.out, name=args.name, dim=args.dim,
+                               image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
+                               progress=args.progress, overrides=args.model_set,
+                               keep=_keep(args, [args.seed]))
+    print(json.dumps({"data": args.data, "kind": spec.kind, "files": len(spec.paths), "labels": spec.labels,
+                      "model": version.card["name"], "version": version.version, "store": str(version.path),
+                      "lines": data.lines, "classes": list(data.class_names),
+                      "units": {"train": len(data.train), "val": len(data.val)},
+                      "label_sources": data.label_sources, "skipped": data.skips.to_dict(),
+                      "last_epoch": version.card["history"][-1]}, default=_plain_json), flush=True)
     return 0
 
 
@@ -500,9 +566,14 @@ def _folds(bench: str, fold: int | None) -> list[int | None]:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from inspection.experiments import calibrate_version, family
 
-    names = [family(args.bench, args.modalities.split(",") if args.modalities else None)]
-    if args.bench == "composite" and args.all_baselines:
-        names += [family("composite", [m]) for m in MODALITIES]
+    if args.name is not None:  # a store family by name, e.g. a model trained on own data (train --data)
+        if args.modalities or args.all_baselines:
+            raise ConfigError("--modalities and --all-baselines apply to --bench, not to --name")
+        names = [args.name]
+    else:
+        names = [family(args.bench, args.modalities.split(",") if args.modalities else None)]
+        if args.bench == "composite" and args.all_baselines:
+            names += [family("composite", [m]) for m in MODALITIES]
     from inspection.store import ModelStore
 
     for name in names:
@@ -510,7 +581,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         targets = [args.version] if args.version else _uncalibrated_latest(store, args.seeds)
         for version in targets:
             v = calibrate_version(args.store, name, version, method=args.method, target_far=args.target_far,
-                                  device=args.device, threshold=args.threshold, keep=_keep(args, args.seeds))
+                                  device=args.device, threshold=args.threshold, keep=_keep(args, args.seeds),
+                                  progress=args.progress, data_path=args.data, labels_path=args.labels)
             print(json.dumps({"model": name, "from": version, "version": v.version,
                               "calibration": v.card["calibration"]}, default=_plain_json), flush=True)
     return 0
@@ -796,6 +868,22 @@ def build_parser() -> argparse.ArgumentParser:
     di.set_defaults(func=cmd_data_info)
     df = dsub.add_parser("fetch", help="download and verify the bearing recordings into the cache")
     df.set_defaults(func=cmd_data_fetch)
+    dx = dsub.add_parser("export", help="write bundled data in the own-data formats (docs/own-data.md): composite "
+                                        "units as Parquet history, or ELPV cells as an image folder (--images)")
+    dx.add_argument("--out", type=Path, required=True,
+                    help="the history file to write, or with --images the (new or empty) folder")
+    dx.add_argument("--limit", type=int, default=300, help="units (or images) to write")
+    dx.add_argument("--split", choices=["train", "test", "val"], default="train", help="composite split")
+    dx.add_argument("--seed", type=int, default=0)
+    dx.add_argument("--temperature", choices=["auto", "skab", "synthetic"], default="auto",
+                    help="temperature source of composite units")
+    dx.add_argument("--labels-out", type=Path, metavar="FILE",
+                    help="write the units' labels to this labels file (.csv or .parquet) instead of the history's "
+                         "label column")
+    dx.add_argument("--images", action="store_true",
+                    help="write ELPV cells as ok/ and defect/<class>/ PNG files (p = 0: ok; p = 2/3, 1: defect/p2_3, "
+                         "defect/p1), modification times one minute apart in a seeded order")
+    dx.set_defaults(func=cmd_data_export)
 
     se = sub.add_parser("serve", help="the stream service: consume readings, join, score, explain, decide")
     se.add_argument("--bootstrap", default=os.environ.get("INSPECTION_BOOTSTRAP"),
@@ -821,7 +909,19 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=cmd_demo)
     bench_choices = ["elpv", "bearings", "composite", "skab"]
     tr = sub.add_parser("train", help="train a model on a benchmark split and save it to the model store")
-    tr.add_argument("--bench", choices=bench_choices, required=True)
+    source = tr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bench", choices=bench_choices)
+    source.add_argument("--data", metavar="PATH_OR_GLOB",
+                        help="a plant's own data (docs/own-data.md): Parquet history (a file, a folder or a glob) or "
+                             "an image folder with ok/ and defect/<class>/")
+    tr.add_argument("--labels", help="--data: labels file (CSV or Parquet: unit_id, label[, class][, culprits]); it "
+                                     "overrides the history's label of every unit it names")
+    tr.add_argument("--line", help="--data: keep only this line's units (history) or set their line id (folder)")
+    tr.add_argument("--name", help="--data: model name, the store family <store>/<name> (default line-<line>)")
+    tr.add_argument("--mode", choices=["supervised", "normal-only"], default="supervised",
+                    help="supervised trains on labels; normal-only is not yet available")
+    tr.add_argument("--allow-mixed-rates", action="store_true",
+                    help="--data: accept vibration at several sample rates when each is at least 40 kHz")
     tr.add_argument("--seed", type=int, default=0, help="split and training seed")
     tr.add_argument("--seeds", type=int, nargs="*", help="train one model per seed (overrides --seed)")
     tr.add_argument("--train-seed", type=int,
@@ -848,19 +948,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "and save it (0: off)")
     tr.add_argument("--val-fraction", type=float,
                     help="elpv: share of the training split held out for validation (default 0.15); 0 trains on all "
-                         "of it, without epoch selection (calibrate with --method fixed)")
+                         "of it, without epoch selection (calibrate with --method fixed). --data: share of the units, "
+                         "the latest by event time, that validate (default 0.2)")
     tr.add_argument("--soft-targets", action="store_true",
                     help="train the defect score towards each label's graded severity (ELPV: the experts' defect "
                          "probability) instead of 0/1")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     tr.add_argument("--store", default="models", help="model store root")
     tr.add_argument("--out", default="runs", help="run folder root (checkpoints, curves)")
-    tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the run folder's last checkpoint (an error when it has none)")
+    tr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress on stderr: a bar on a terminal, one line per epoch otherwise")
     tr.add_argument("--keep", type=int, help="versions the store keeps (default: one per seed and fold, at least 3)")
     tr.set_defaults(func=cmd_train)
 
     ca = sub.add_parser("calibrate", help="choose per-line thresholds on validation data; saves a new version")
-    ca.add_argument("--bench", choices=bench_choices, required=True)
+    target = ca.add_mutually_exclusive_group(required=True)
+    target.add_argument("--bench", choices=bench_choices)
+    target.add_argument("--name", help="the store family <store>/<name>, e.g. a model of `train --data`")
+    ca.add_argument("--data", help="--name of a model trained on own data: where its data is now, if it moved")
+    ca.add_argument("--labels", help="--name of a model trained on own data: where its labels file is now")
     ca.add_argument("--modalities")
     ca.add_argument("--all-baselines", action="store_true", help="composite: also the single-modality models")
     ca.add_argument("--version", help="the version to calibrate (default: newest uncalibrated per seed / promoted)")
@@ -872,6 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--device", default="cpu")
     ca.add_argument("--store", default="models")
     ca.add_argument("--keep", type=int, help="versions the store keeps (default: one per seed and fold, at least 3)")
+    ca.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress on stderr: bars on a terminal, one line when done otherwise")
     ca.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("evaluate", help="evaluate calibrated models on a benchmark's test split")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -84,6 +86,47 @@ def test_resume_continues_exactly(tmp_path, bearing_data, ema_decay):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=RESUME_ATOL, equal_nan=True, msg=name)
+
+
+#: the line a non-terminal stream gets per epoch (validation fields when there is validation data)
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)  train_loss (\d+\.\d{3})  val_loss (\d+\.\d{3})  val_auroc (\d\.\d{3})  "
+                        r"(\d+(?:\.\d)?) units/s  eta (\S+)")
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_training_off_a_terminal_writes_one_line_per_epoch(tmp_path, bearing_data, capsys):
+    from inspection.progress import Progress
+
+    train, val, _ = bearing_data
+    assert {u.label.defect for u in val} == {False, True}  # both classes: the AUROC field is measured
+    log = io.StringIO()
+    cfg = TrainConfig(epochs=2, batch_size=16, device="cpu", seed=0)
+    result = train_supervised(tiny_config(), train[:48], val, cfg, tmp_path, progress=Progress(stream=log))
+    text = log.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert lines[0] == f"preprocess {48 + len(val)}/{48 + len(val)} units in " + lines[0].split(" in ")[1]
+    epochs = [EPOCH_LINE.fullmatch(x) for x in lines if x.startswith("epoch ")]
+    assert len(epochs) == 2 == len(lines) - 1 and all(epochs), lines
+    rows = [h for h in result.history if "epoch" in h]  # the last entry is the epoch selection
+    for k, (m, row) in enumerate(zip(epochs, rows, strict=True), start=1):
+        assert (int(m[1]), int(m[2])) == (k, 2)
+        assert float(m[3]) == pytest.approx(row["train_loss"], abs=5e-4)
+        assert float(m[4]) == pytest.approx(row["val_loss"], abs=5e-4)
+        assert float(m[5]) == pytest.approx(row["val_auroc"], abs=5e-4)
+        assert float(m[6]) > 0
+    assert epochs[-1][7] == "0s"  # nothing left after the last epoch
+    assert capsys.readouterr() == ("", "")  # stdout stays free for a command's JSON; nothing else on stderr
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    run = tmp_path / "bearings-s0"
+    cfg = TrainConfig(epochs=1, device="cpu")
+    with pytest.raises(ConfigError, match=re.escape(str(run))) as info:
+        train_supervised(tiny_config(), [], None, cfg, run, resume=True, progress=False)
+    assert "checkpoint.json" in str(info.value) and "without resume" in str(info.value)
+    assert not run.exists()  # refused before any work or output
 
 
 def test_weight_average_follows_its_closed_form():
@@ -238,6 +281,7 @@ def test_fixed_threshold_calibration_and_its_errors(tmp_path):
     from inspection.calibration import fixed_calibration
     from inspection.experiments import calibrate_version
     from inspection.model import InspectionModel
+    from inspection.progress import Progress
     from inspection.store import ModelStore
 
     model, _ = calibrate(InspectionModel(tiny_config()), np.r_[np.linspace(0, 0.4, 40), np.linspace(0.6, 1, 40)],
@@ -261,8 +305,11 @@ def test_fixed_threshold_calibration_and_its_errors(tmp_path):
         calibrate_version(tmp_path, "bearings", base.version, method="fixed")
     with pytest.raises(ConfigError, match="only with method 'fixed'"):
         calibrate_version(tmp_path, "bearings", base.version, method="max_f1", threshold=0.5)
-    v = calibrate_version(tmp_path, "bearings", base.version, method="fixed", threshold=0.3)
+    log = io.StringIO()
+    v = calibrate_version(tmp_path, "bearings", base.version, method="fixed", threshold=0.3,
+                          progress=Progress(stream=log))
     assert v.card["calibration"]["thresholds"] == {"*": 0.3} and v.card["parent"] == base.version
+    assert log.getvalue() == f"calibrated bearings {base.version} -> {v.version}: fixed threshold 0.3\n"
     assert store.promoted().version == v.version
 
 
