@@ -90,4 +90,4 @@ def test_training_and_calibration_run_on_a_fold_without_any_test_label(tmp_path)
     only = train_bench("bearings", 0, TrainConfig(epochs=1, batch_size=64, device="cpu", seed=0),
                        store_root=tmp_path / "models", out_root=tmp_path / "runs", dim=32, overrides=small,
                        progress=False, fold=3, modalities=["vibration"])
-    assert only.card["name"] == "bearings-vibration" and only.card["modalities"] == ["vibration"]
+    assert only.card["name"] == "bearings-vibration" and list(only.card["modalities"]) == ["vibration"]
