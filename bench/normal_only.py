@@ -86,6 +86,16 @@ def fit_and_calibrate(config: NormalOnlyConfig, fit_units: list[Unit], cal_units
     return det, info
 
 
+def fit_and_score(config: NormalOnlyConfig, fit_units: list[Unit], cal_units: list[Unit], test: list[Unit],
+                  args) -> tuple[NormalOnlyScores, dict]:
+    """Fit on ``fit_units``, calibrate on ``cal_units``, score ``test``: the scores and the result so far."""
+    det, info = fit_and_calibrate(config, fit_units, cal_units, args.target_far, args.device)
+    t0 = time.perf_counter()
+    scores = det.score(test)
+    info["score_s"] = round(time.perf_counter() - t0, 1)
+    return scores, {**info, **metrics_on_test(scores, test)}
+
+
 def metrics_on_test(scores: NormalOnlyScores, units: list[Unit]) -> dict:
     """AUROC and F1 / FAR / recall at the calibrated threshold, on labelled test units."""
     y = np.array([u.label.defect for u in units])
@@ -105,11 +115,7 @@ def run_composite(args) -> dict:
     config = NormalOnlyConfig(default_model_config("composite", image_size=args.image_size).encoders)
     log(f"composite: fit {len(fit_units)} ok training units, calibrate on {len(cal_units)} ok val units, "
         f"test {len(test)}")
-    det, info = fit_and_calibrate(config, fit_units, cal_units, args.target_far, args.device)
-    t0 = time.perf_counter()
-    scores = det.score(test)
-    info["score_s"] = round(time.perf_counter() - t0, 1)
-    out = {**info, **metrics_on_test(scores, test)}
+    scores, out = fit_and_score(config, fit_units, cal_units, test, args)
     from sklearn.metrics import roc_auc_score
 
     per_mod, pointing = {}, {}
@@ -146,11 +152,7 @@ def run_elpv(args) -> dict:
     config = NormalOnlyConfig(default_model_config("elpv", image_size=args.image_size).encoders)
     log(f"elpv: fit {len(fit_units)} p=0 training cells, calibrate on {len(cal_units)} p=0 val cells, "
         f"test {len(test)}")
-    det, info = fit_and_calibrate(config, fit_units, cal_units, args.target_far, args.device)
-    t0 = time.perf_counter()
-    scores = det.score(test)
-    info["score_s"] = round(time.perf_counter() - t0, 1)
-    out = {**info, **metrics_on_test(scores, test)}
+    scores, out = fit_and_score(config, fit_units, cal_units, test, args)
     from sklearn.metrics import roc_auc_score
 
     sev = np.array([u.label.severity or 0.0 for u in test])
@@ -173,9 +175,7 @@ def run_bearings(args) -> dict:
         test = subset(data.test, args.limit, args.seed + 2)
         log(f"bearings fold {k}: fit {len(fit_units)} healthy windows, calibrate on {len(cal_units)}, "
             f"test {len(test)}")
-        det, info = fit_and_calibrate(config, fit_units, cal_units, args.target_far, args.device)
-        scores = det.score(test)
-        res = {**info, **metrics_on_test(scores, test)}
+        scores, res = fit_and_score(config, fit_units, cal_units, test, args)
         res["recordings"] = {
             "fit": sorted({u.provenance["vibration"].split(":")[1].split("@")[0] for u in fit_units}),
             "calibration": sorted({u.provenance["vibration"].split(":")[1].split("@")[0] for u in cal_units}),
