@@ -201,9 +201,10 @@ def band_pointing(store: Path, device: str, budget: int, seed: int, masking: str
     from inspection.store import ModelStore
     from services.scoring import load_serving_model
 
-    serving = load_serving_model(ModelStore(store), None, torch.device(device))
+    models = ModelStore(store)
+    serving = load_serving_model(models, None, torch.device(device))
     model = serving.model
-    card = ModelStore(store).get(serving.version).card
+    card = models.get(serving.version).card
     # the test split of the fold this model was trained on (labels opened for scoring)
     test = bench_data("bearings", card["seed"], card["data"], test_labels=True).test
     probs = np.concatenate([probability(model, test[lo:lo + 64]) for lo in range(0, len(test), 64)])

@@ -65,7 +65,7 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, method: str = "max_
         if good.size == 0:
             raise ConfigError("false-alarm calibration needs good (non-defective) validation units")
         # smallest threshold with (#good >= t) / #good <= target_far
-        allowed = int(np.floor(target_far * good.size))
+        allowed = int(np.floor(target_far * good.size + 1e-9))  # 0.29 * 100 is 28.999...: still 29 allowed
         th = good[good.size - allowed - 1] if allowed < good.size else good[0]
         return float(np.nextafter(th, np.inf))
     best_i, best_value = 0, -1.0

@@ -9,7 +9,6 @@ the right splits.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import torch
 
 from inspection.benches import BenchData, default_model_config, load_bench
 from inspection.calibration import Calibration, calibrate, choose_threshold, fixed_calibration
+from inspection.data._common import ids_digest as _ids_digest
 from inspection.errors import ConfigError, StoreError
 from inspection.evaluation import (
     ANCHORS,
@@ -32,6 +32,7 @@ from inspection.evaluation import (
 from inspection.model import InspectionModel, ModelConfig
 from inspection.progress import Progress, format_duration
 from inspection.records import MODALITIES, Unit
+from inspection.stats import clopper_pearson, f1_interval, grouped_accuracy_interval, seed_interval, wilson
 from inspection.store import DEFAULT_KEEP, ModelStore, ModelVersion
 from inspection.training import PreparedSet, TrainConfig, predict, train_supervised
 
@@ -40,10 +41,6 @@ log = logging.getLogger(__name__)
 
 def family(bench: str, modalities: Sequence[str] | None = None) -> str:
     return bench if not modalities else f"{bench}-{'+'.join(modalities)}"
-
-
-def _ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
 def _data_card(data: BenchData, val_fraction: float | None = None) -> dict:
@@ -259,8 +256,6 @@ def _calibrated_folds(store: ModelStore, seeds: Sequence[int]) -> dict[int, list
 def _interval(values: Sequence[float], successes: int | None = None, n: int | None = None) -> dict:
     """``ci95`` of a mean over seeds (Student t); with one seed, the binomial (Wilson) interval of its test
     count instead."""
-    from inspection.stats import seed_interval, wilson
-
     over_seeds = seed_interval(values)
     if over_seeds is not None:
         return {"ci95": list(over_seeds), "ci95_kind": "Student t over seeds"}
@@ -292,8 +287,6 @@ def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, 
         plot_roc_confusion(pred["score"], pred["defect"], pred["threshold"], pred["klass"],
                            pred["class_prob"].argmax(1), model.config.class_names, plots_dir / f"{bench}_s{seed}",
                            f"{bench} seed {seed}")
-        from inspection.stats import wilson
-
         correct = metrics["tp"] + metrics["tn"]
         metrics["accuracy_ci95"] = list(wilson(correct, metrics["n"]))
         runs.append({"seed": seed, "train_seed": _train_seed(v.card), "model_version": v.version,
@@ -350,8 +343,6 @@ def _recording(unit: Unit) -> str:
 def _evaluate_bearings(store_root, seeds, *, device, tta, results_dir, plots_dir, note=None) -> Path:
     """Grouped cross-validation: each seed's folds together test every recording once; window accuracy pooled
     over the folds, and recording accuracy by each recording's majority vote over its windows."""
-    from inspection.stats import clopper_pearson, grouped_accuracy_interval
-
     store = ModelStore(Path(store_root) / "bearings")
     folds = _calibrated_folds(store, seeds)
     runs, pooled_hits = [], {}
@@ -429,8 +420,6 @@ def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, no
     held-out sources): each single-modality model, late fusion (the largest calibrated margin, with a threshold
     for the combination) and stacking (logistic regression on the single-modality scores); and the fused model
     with each modality removed at test time."""
-    from inspection.stats import f1_interval, seed_interval
-
     root = Path(store_root)
     runs = []
     for seed in seeds:

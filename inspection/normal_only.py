@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from inspection.calibration import choose_threshold
 from inspection.config import from_dict, to_dict
 from inspection.encoders import Encoder, SeriesEncoder, VisionEncoder, WaveformEncoder
 from inspection.errors import ConfigError, DataError, NotCalibratedError
@@ -210,11 +211,10 @@ def far_threshold(scores: np.ndarray, target_far: float) -> float:
     """
     if not 0.0 < target_far < 1.0:
         raise ConfigError(f"target_far must be in (0, 1); got {target_far!r}")
-    s = np.sort(np.asarray(scores, np.float64))[::-1]  # descending
+    s = np.asarray(scores, np.float64)
     if s.size == 0 or not np.isfinite(s).all():
         raise DataError(f"calibration needs finite scores of normal units; got {s.size} scores")
-    k = int(np.floor(target_far * s.size + 1e-9))  # alarms allowed among the normal units
-    return float(np.nextafter(s[k], np.inf))
+    return choose_threshold(s, np.zeros(s.size, dtype=bool), "far", target_far)
 
 
 # -------------------------------------------------------------------------------------------- features

@@ -345,8 +345,7 @@ class NormalRunFar:
     max_segment: float
 
     def to_dict(self) -> dict:
-        return {"segments": self.segments, "rows": self.rows, "alarms": self.alarms, "far": self.far,
-                "per_segment": list(self.per_segment), "max_segment": self.max_segment}
+        return {**asdict(self), "per_segment": list(self.per_segment)}
 
 
 def normal_run_far(config: SlopeT2Config, normal: np.ndarray, *, segment_rows: int = SEGMENT_ROWS,

@@ -35,6 +35,13 @@ def announce_licence(dataset: str, text: str) -> None:
     log.info("data set %s: %s", dataset, text)
 
 
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of the sorted ids, one per line: what a model card records of the units it was trained on."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
 def stratified_split(
     strata: Sequence[Hashable], test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:

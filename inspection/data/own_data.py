@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from inspection.data._common import ids_digest
 from inspection.errors import ConfigError, DataError, Reason, RecordError
 from inspection.records import MODALITIES, Label, Unit, VisionReading, check_id, sniff_image_type
 
@@ -54,11 +55,6 @@ SKIP_EXAMPLES = 3
 MIN_MIXED_RATE_HZ = 40_000.0
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_ID = 128
-
-
-def ids_digest(ids: Sequence[str]) -> str:
-    """sha256 of the sorted ids, one per line: what a model card records of the units it was trained on."""
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ spec
