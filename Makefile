@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast lint clean
+.PHONY: install browser prometheus demo test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,14 +34,27 @@ browser:
 	    echo "chromium is missing and this is not root: 'sudo apt-get install chromium' runs the browser tests"; \
 	  fi; }
 
+# Debian's prometheus (it brings promtool) for the monitoring tests: each test runs its own Prometheus process on
+# 127.0.0.1 with a temporary config and storage. Only the binaries are wanted: the package's own system service,
+# which Debian starts on install where systemd runs, is stopped and disabled right after installing it.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus >/dev/null; \
+	    if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service >/dev/null 2>&1 || true; fi; \
+	  else \
+	    echo "prometheus is missing and this is not root: 'sudo apt-get install prometheus' runs the monitoring tests"; \
+	  fi; }
+
 # The kernel tests run even when the first call fails; the target fails if either did.
-test: install browser
+test: install browser prometheus
 	@rc=0; \
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not interpret" --ignore=tests/kernels || rc=$$?; \
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m interpret tests/kernels || rc=$$?; \
 	exit $$rc
 
-test-fast: install browser
+test-fast: install browser prometheus
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not interpret"
 
 lint: install

@@ -443,14 +443,20 @@ class SparseMoE(nn.Module):
         if self.shared is not None:
             self.shared.reset_parameters()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, RouterStats]:
+    def forward(
+        self, x: Tensor, return_routing: bool = False
+    ) -> tuple[Tensor, RouterStats] | tuple[Tensor, RouterStats, Routing]:
         """Mix each token through the shared expert and its top-k routed experts.
 
         Args:
             x: ``[..., D]`` tokens, at least one.
+            return_routing: also return the routing the experts ran with (for audit); the outputs are the
+                same either way.
 
         Returns:
-            ``[..., D]`` outputs in ``x.dtype``, and the routing statistics of this call.
+            ``[..., D]`` outputs in ``x.dtype``, and the routing statistics of this call; with
+            ``return_routing``, third, the :class:`Routing` of the ``T`` tokens of ``x`` flattened in order
+            (``weights``, ``indices`` ``[T, K]``), exactly what ``self.expert_ffn`` received.
 
         Raises:
             TypeError: ``x`` is not a floating-point tensor.
@@ -472,6 +478,8 @@ class SparseMoE(nn.Module):
         y = self.expert_ffn(flat, routing, self.w_gate, self.w_up, self.w_down)  # [T, D]
         if self.shared is not None:
             y = y + self.shared(flat)  # [T, D]
+        if return_routing:
+            return y.reshape(x.shape), router_stats(routing), routing  # [..., D]
         return y.reshape(x.shape), router_stats(routing)  # [..., D]
 
     @torch.no_grad()

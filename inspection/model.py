@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fusion.bridge import BridgeConfig, FusionBridge
+from fusion.bridge import BridgeConfig, FusionBridge, LayerTrace
 from fusion.moe import RouterStats
 from inspection.config import from_dict, to_dict
 from inspection.encoders import ENCODERS, Encoder, TokenInfo, create_encoder
 from inspection.errors import ConfigError, NotCalibratedError
-from inspection.records import MODALITIES, Unit
+from inspection.records import MODALITIES, RoutingPath, Unit
 
 DEFAULT_LINE = "*"
 
@@ -148,6 +148,8 @@ class ModelOutput:
         present: ``[B, M]`` the mask this output was computed with.
         pooled: ``[B, D]`` fused representation.
         router_stats: per MoE layer.
+        trace: per bridge layer, the experts and gate weights of each fusion query and the spread of the
+            queries' attention (:class:`~fusion.bridge.LayerTrace`) when ``fuse(..., trace=True)``, else None.
     """
 
     defect_logit: Tensor
@@ -156,6 +158,7 @@ class ModelOutput:
     present: Tensor
     pooled: Tensor
     router_stats: list[RouterStats]
+    trace: list[LayerTrace] | None = None
 
     @property
     def score(self) -> Tensor:
@@ -266,13 +269,15 @@ class InspectionModel(nn.Module):
         dtype = functools.reduce(torch.promote_types, [c.dtype for c in chunks])
         return Encoded(torch.cat([c.to(dtype) for c in chunks], dim=1), torch.cat(indices), slices, batch.present)
 
-    def fuse(self, encoded: Encoded, present: Tensor | None = None, visible: Tensor | None = None) -> ModelOutput:
+    def fuse(self, encoded: Encoded, present: Tensor | None = None, visible: Tensor | None = None,
+             trace: bool = False) -> ModelOutput:
         """Bridge and heads for a presence mask ``[B, M]`` (default: what each unit has).
 
         A mask may only remove modalities a unit has; modalities it lacks stay absent. ``visible`` ``[B, N]``
         (bool) hides single tokens on top of that: a token is seen only where both allow it (explanations switch
         an image region, a frequency band or a time segment off this way). The per-modality heads read every
-        token of a present modality.
+        token of a present modality. ``trace=True`` fills :attr:`ModelOutput.trace` (each row's routing path
+        and attention spread) and changes no other output; training and benchmarks leave it off.
         """
         present = encoded.present if present is None else present & encoded.present
         tokens_on = present[:, encoded.modality_index]  # [B, N] True = visible
@@ -282,7 +287,7 @@ class InspectionModel(nn.Module):
                                  f"{visible.dtype} {tuple(visible.shape)}")
             tokens_on = tokens_on & visible.to(tokens_on.device)
         visible = tokens_on
-        bridged = self.bridge(encoded.tokens, encoded.modality_index, ~visible)
+        bridged = self.bridge(encoded.tokens, encoded.modality_index, ~visible, trace=trace)
         # residual global pooling: the mean of every visible token (for one modality, global average pooling of
         # its features); the bridge's queries add the cross-modal interactions on top
         weights = visible.to(encoded.tokens.dtype)
@@ -301,10 +306,39 @@ class InspectionModel(nn.Module):
             present=present,
             pooled=pooled,
             router_stats=bridged.router_stats,
+            trace=bridged.trace,
         )
 
     def forward(self, batch: Batch, present: Tensor | None = None) -> ModelOutput:
         return self.fuse(self.encode(batch), present)
+
+    def routing_paths(self, output: ModelOutput, rows: Sequence[int]) -> list[RoutingPath | None]:
+        """The routing path of each of the given rows of a traced output (``fuse(..., trace=True)``): per MoE
+        layer, each fusion query's experts and gate weights, the weights rounded as
+        :meth:`~inspection.records.RoutingPath.rounded` says. One device-to-host copy per MoE layer.
+
+        Args:
+            output: the traced output.
+            rows: row indices into it.
+
+        Returns:
+            One :class:`~inspection.records.RoutingPath` per row, in order; None for each when the bridge has no
+            sparse MoE.
+
+        Raises:
+            ValueError: ``output`` was computed without ``trace=True``.
+        """
+        if output.trace is None:
+            raise ValueError("routing paths need a traced output: call fuse(..., trace=True)")
+        moe = self.config.bridge.moe
+        if moe is None:
+            return [None] * len(rows)
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        layers = [(i, t.experts.index_select(0, index.to(t.experts.device)).cpu().tolist(),  # [R, Q, K]
+                   t.weights.index_select(0, index.to(t.weights.device)).cpu().tolist())  # [R, Q, K]
+                  for i, t in enumerate(output.trace) if t.experts is not None]
+        return [RoutingPath.rounded(moe.n_experts, moe.top_k, {i: (e[r], w[r]) for i, e, w in layers})
+                for r in range(len(index))]
 
     # ------------------------------------------------------------------------------------- calibration
     @property

@@ -39,7 +39,9 @@ Method: **per-modality deviations, fused by their maximum.**
    at most ``target_far`` of them (default 1 %) would alarm.
 
 A decision's attribution is the per-modality standardised deviations and which one is the largest: the
-modality that moved furthest from normal, in comparable units.
+modality that moved furthest from normal, in comparable units. A served decision (``services/scoring.py``)
+explains its fused score with exact Shapley values of the game :func:`coalition_scores`: a coalition's value is
+the fused score of its modalities only, the empty coalition's the baseline :data:`BASELINE_DEVIATION`.
 
 Calibrated state (the standardisations and the threshold) is NaN until :meth:`NormalOnlyDetector.calibrate`;
 scoring before that raises :class:`~inspection.errors.NotCalibratedError`. A detector is saved to the model
@@ -50,6 +52,7 @@ card with ``"mode": "normal-only"``; nothing is pickled.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -71,6 +74,11 @@ MODE = "normal-only"
 METHOD = ("per-modality Gaussian (standardised features, Ledoit-Wolf covariance) -> Mahalanobis distance -> "
           "z of log-distance on held-out normal units -> max over present modalities -> threshold at a target "
           "false-alarm rate")
+#: The class a decision over the threshold gets (a card's ``defect_class`` may name another).
+DEFECT_CLASS = "anomaly"
+#: Value of the empty coalition in a decision's modality attribution: the standardised deviation of the median
+#: held-out normal unit (the standardisation's centre), i.e. what "nothing unusual" scores.
+BASELINE_DEVIATION = 0.0
 #: Fewest units with a modality that fitting or calibrating it accepts.
 MIN_UNITS = 10
 #: MAD -> standard deviation of a normal distribution.
@@ -275,13 +283,68 @@ class FeatureExtractor(nn.Module):
         rows = [self._vector(enc, enc.prepare(r)) for r in readings]
         return np.stack(rows).astype(np.float64) if rows else np.zeros((0, 0))
 
-    @torch.inference_mode()
+    def modality_lenient(self, modality: str, readings: Sequence, width: int | None = None,
+                         map_fn=map) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+        """Feature vectors of the readings the preprocessing accepts, and what went wrong with the others.
+
+        Args:
+            modality: which modality the readings are.
+            readings: the readings.
+            width: the feature width the caller needs (a fitted Gaussian's ``D``); a reading whose vector has
+                another width (a sensor with another channel count) is rejected. None: any width.
+            map_fn: ``map``-like function the per-reading preprocessing runs through (e.g. a thread pool's
+                ``map``: image decoding and resizing release the GIL).
+
+        Returns:
+            ``kept`` (indices into ``readings``), their features ``[len(kept), D]`` (float64) and
+            ``(index, reason)`` for each reading left out.
+        """
+        enc: Encoder = self.encoders[modality]
+
+        def prepare(reading) -> tuple[Mapping[str, np.ndarray] | None, str | None]:
+            try:
+                return enc.prepare(reading), None
+            except Exception as exc:  # noqa: BLE001 - one bad reading must not cost the others
+                return None, f"{type(exc).__name__}: {exc}"
+
+        prepared = list(map_fn(prepare, readings))
+        failures = [(i, why) for i, (_, why) in enumerate(prepared) if why is not None]
+        ok = [i for i, (p, _) in enumerate(prepared) if p is not None]
+        if isinstance(enc, VisionEncoder):
+            rows = list(self._vision_images(enc, [prepared[i][0]["image"] for i in ok])) if ok else []
+        else:
+            rows = []
+            for i in list(ok):
+                try:
+                    rows.append(self._vector(enc, prepared[i][0]))
+                except Exception as exc:  # noqa: BLE001
+                    failures.append((i, f"{type(exc).__name__}: {exc}"))
+                    ok.remove(i)
+        kept, vectors = [], []
+        for i, row in zip(ok, rows, strict=True):
+            if width is not None and row.size != width:
+                failures.append((i, f"its {modality} features have {row.size} values where the detector was "
+                                    f"fitted on {width} (another channel count or sample rate?)"))
+                continue
+            kept.append(i)
+            vectors.append(row)
+        x = np.stack(vectors).astype(np.float64) if vectors else np.zeros((0, width or 0))
+        return kept, x, sorted(failures)
+
     def _vision(self, enc: VisionEncoder, readings: Sequence) -> np.ndarray:
         out = []
         step = self.config.batch_size
         for i in range(0, len(readings), step):
-            images = np.stack([enc.prepare(r)["image"] for r in readings[i:i + step]])  # [B, 3, S, S]
-            x = torch.from_numpy(images).to(self.device)
+            out.append(self._vision_images(enc, [enc.prepare(r)["image"] for r in readings[i:i + step]]))
+        return np.concatenate(out) if out else np.zeros((0, 0))
+
+    @torch.inference_mode()
+    def _vision_images(self, enc: VisionEncoder, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Preprocessed images ``[3, S, S]`` -> pooled backbone features ``[B, F]`` (float64), in batches."""
+        out = []
+        step = self.config.batch_size
+        for i in range(0, len(images), step):
+            x = torch.from_numpy(np.stack(images[i:i + step])).to(self.device)  # [B, 3, S, S]
             fmap = enc.backbone.forward_features(x)  # [B, F, h, w]
             out.append(fmap.float().mean(dim=(2, 3)).cpu().numpy())  # [B, F]
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
@@ -453,6 +516,37 @@ class NormalOnlyDetector:
         return NormalOnlyScores(score, deviations, distances, score >= self.threshold, self.threshold,
                                 list(unit_ids))
 
+    def extract(self, units: Sequence[Unit], map_fn=map) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                                                  list[tuple[int, str, str]]]:
+        """:meth:`features` that leaves out, instead of raising on, a reading the preprocessing rejects or whose
+        feature vector does not fit the fitted Gaussian (the serving path: one bad reading never costs a unit its
+        other modalities, nor the batch its other units).
+
+        Args:
+            units: the units.
+            map_fn: ``map``-like function the per-reading preprocessing runs through.
+
+        Returns:
+            ``features`` as :meth:`features` gives them (only accepted readings) and ``(unit index, modality,
+            reason)`` for every reading left out.
+
+        Raises:
+            NotCalibratedError: before :meth:`fit`.
+        """
+        self._require_fitted()
+        feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        failures: list[tuple[int, str, str]] = []
+        for m in self.modalities:
+            rows = [i for i, u in enumerate(units) if getattr(u, m) is not None]
+            if not rows:
+                continue
+            kept, x, bad = self.extractor.modality_lenient(m, [getattr(units[i], m) for i in rows],
+                                                           self.gaussians[m].mean.size, map_fn)
+            failures += [(rows[j], m, why) for j, why in bad]
+            if kept:
+                feats[m] = (np.array([rows[j] for j in kept], dtype=np.int64), x)
+        return feats, sorted(failures)
+
     def _fuse(self, feats: Mapping[str, tuple[np.ndarray, np.ndarray]],
               n_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         distances = np.full((n_units, len(MODALITIES)), np.nan)  # [B, M]
@@ -574,6 +668,40 @@ class NormalOnlyDetector:
         return det, card
 
 
+# ---------------------------------------------------------------------------------------- coalitions
+def coalition_scores(deviations: Mapping[str, float]) -> dict[frozenset[str], float]:
+    """The fused score of every coalition of a unit's modalities: the game its modality attribution explains.
+
+    A coalition's value is the detector's fused score on those modalities only, the largest of their standardised
+    deviations; the empty coalition's value is :data:`BASELINE_DEVIATION`, the deviation of the median held-out
+    normal unit. The Shapley values of this game add up to ``score - BASELINE_DEVIATION``.
+
+    Args:
+        deviations: modality -> standardised deviation, for the modalities the unit has (at least one).
+
+    Returns:
+        Every subset of ``deviations``' modalities (the empty one included) -> its value.
+
+    Raises:
+        DataError: no modality, or a deviation that is not finite.
+    """
+    if not deviations or not all(np.isfinite(v) for v in deviations.values()):
+        raise DataError(f"a coalition game needs >= 1 finite deviation; got {dict(deviations)}")
+    names = [m for m in MODALITIES if m in deviations]
+    out: dict[frozenset[str], float] = {}
+    for mask in range(2 ** len(names)):
+        members = frozenset(m for k, m in enumerate(names) if mask >> k & 1)
+        out[members] = max((float(deviations[m]) for m in members), default=BASELINE_DEVIATION)
+    return out
+
+
+def deviation_probability(deviation: float) -> float:
+    """The standard normal CDF of a standardised deviation, in [0, 1]: under the standardisation's Gaussian
+    reading, the share of normal units whose deviation of one modality lies below it (0.5 at the baseline). It is
+    not a defect probability: there are no defects to calibrate one on."""
+    return 0.5 * math.erfc(-float(deviation) / math.sqrt(2.0))
+
+
 # --------------------------------------------------------------------------------------------- helpers
 def _normal(units: Sequence[Unit], action: str) -> list[Unit]:
     """The units, refusing any labelled defective (unlabelled units are taken as normal)."""
@@ -595,7 +723,7 @@ def _check_counts(feats: Mapping[str, tuple[np.ndarray, np.ndarray]], modalities
 
 
 __all__ = [
-    "METHOD", "MIN_UNITS", "MODE", "FeatureExtractor", "GaussianFit", "NormalOnlyConfig", "NormalOnlyDetector",
-    "NormalOnlyScores", "far_threshold", "fit_gaussian", "fit_standardisation", "mahalanobis", "series_summary",
-    "standardise",
+    "BASELINE_DEVIATION", "DEFECT_CLASS", "METHOD", "MIN_UNITS", "MODE", "FeatureExtractor", "GaussianFit",
+    "NormalOnlyConfig", "NormalOnlyDetector", "NormalOnlyScores", "coalition_scores", "deviation_probability",
+    "far_threshold", "fit_gaussian", "fit_standardisation", "mahalanobis", "series_summary", "standardise",
 ]

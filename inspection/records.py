@@ -433,6 +433,211 @@ def format_time(t: datetime) -> str:
     return t.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+#: Decimal places the gate weights of a routing path are rounded to on the wire (half a unit: 5e-5 at most).
+ROUTING_WEIGHT_DECIMALS = 4
+
+#: JSON Schema (draft 2020-12) of a decision's ``routing`` field; ``null`` for a model without a sparse MoE.
+#: A decision without the field (an older producer) reads as ``null``.
+ROUTING_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "inspection.decision.v1 routing: the sparse MoE path of the unit's own forward pass",
+    "type": ["object", "null"],
+    "additionalProperties": False,
+    "required": ["n_experts", "top_k", "layers"],
+    "properties": {
+        "n_experts": {"type": "integer", "minimum": 1, "description": "routed experts E per MoE layer"},
+        "top_k": {"type": "integer", "minimum": 1, "description": "experts K each fusion query is routed to"},
+        "layers": {
+            "type": "array",
+            "minItems": 1,
+            "description": "one entry per MoE layer of the bridge, in increasing layer order",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["layer", "experts", "weights"],
+                "properties": {
+                    "layer": {"type": "integer", "minimum": 0, "description": "bridge layer index"},
+                    "experts": {
+                        "type": "array",
+                        "minItems": 1,
+                        "description": "per fusion query q (in order), its K expert ids, highest biased score first",
+                        "items": {"type": "array", "minItems": 1, "uniqueItems": True,
+                                  "items": {"type": "integer", "minimum": 0}},
+                    },
+                    "weights": {
+                        "type": "array",
+                        "minItems": 1,
+                        "description": f"per fusion query, the gate weights of its experts, rounded to "
+                                       f"{ROUTING_WEIGHT_DECIMALS} decimals",
+                        "items": {"type": "array", "minItems": 1, "items": {"type": "number", "minimum": 0}},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def _routing_error(what: str, expected: str, got: object) -> RecordError:
+    return RecordError(Reason.BAD_DECISION, f"{f'routing {what}' if what else 'routing'} must be {expected}; "
+                       f"got {got!r}")
+
+
+def _int_at_least(value: object, minimum: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _routing_error(what, f"an integer >= {minimum}", value)
+    return value
+
+
+def _grid(value: object, what: str) -> tuple[tuple[object, ...], ...]:
+    """A non-empty sequence of non-empty sequences, as tuples (``[Q][K]``)."""
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple) or not value:
+        raise _routing_error(what, "a non-empty list (one entry per fusion query)", value)
+    rows = []
+    for q, row in enumerate(value):
+        if isinstance(row, str | bytes) or not isinstance(row, list | tuple) or not row:
+            raise _routing_error(f"{what}[{q}]", "a non-empty list (one entry per routed expert)", row)
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
+@dataclass(frozen=True)
+class LayerRoute:
+    """The routing of one MoE layer for the fusion queries of one row.
+
+    Shapes: Q fusion queries · K experts per query.
+
+    Attributes:
+        layer: index of the bridge layer (0 = first).
+        experts: ``[Q][K]`` the routed experts of each fusion query, in query order, each query's in the
+            router's order (highest biased score first); distinct per query.
+        weights: ``[Q][K]`` their gate weights (the router's renormalised weights, rounded to
+            :data:`ROUTING_WEIGHT_DECIMALS` decimals by :meth:`RoutingPath.rounded`).
+
+    Raises:
+        RecordError: ``BAD_DECISION`` when the shapes or values are not those above (lists become tuples).
+    """
+
+    layer: int
+    experts: tuple[tuple[int, ...], ...]
+    weights: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        _int_at_least(self.layer, 0, "layer")
+        where = f"layers[layer={self.layer}]"
+        experts, weights = _grid(self.experts, f"{where}.experts"), _grid(self.weights, f"{where}.weights")
+        shape = [len(row) for row in experts]
+        if [len(row) for row in weights] != shape:
+            raise _routing_error(f"{where}.weights", f"the experts' shape [Q][K] = {len(shape)}x{shape}",
+                                 [len(row) for row in weights])
+        for q, row in enumerate(experts):
+            for e in row:
+                _int_at_least(e, 0, f"{where}.experts[{q}] entry")
+            if len(set(row)) != len(row):
+                raise _routing_error(f"{where}.experts[{q}]", "distinct experts", list(row))
+        clean = []
+        for q, row in enumerate(weights):
+            for w in row:
+                if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+                    raise _routing_error(f"{where}.weights[{q}] entry", "a finite number >= 0", w)
+            clean.append(tuple(float(w) for w in row))
+        object.__setattr__(self, "experts", experts)
+        object.__setattr__(self, "weights", tuple(clean))
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "experts": [list(r) for r in self.experts],
+                "weights": [list(r) for r in self.weights]}
+
+
+@dataclass(frozen=True)
+class RoutingPath:
+    """Which sparse path produced a decision: for the unit's own forward pass (its grand coalition: every
+    modality it has), the experts each fusion query was routed to in every MoE layer, and their gate weights.
+
+    The wire form is :meth:`to_dict` (the decision's ``routing`` field, :data:`ROUTING_SCHEMA`); a routing path
+    equals its JSON round trip.
+
+    Attributes:
+        n_experts: routed experts E of each MoE layer.
+        top_k: experts K per fusion query.
+        layers: one :class:`LayerRoute` per MoE layer, in increasing layer order, each ``[Q][K]`` with the same Q.
+
+    Raises:
+        RecordError: ``BAD_DECISION`` when a value is out of range (an expert >= E, K != top_k, ...).
+    """
+
+    n_experts: int
+    top_k: int
+    layers: tuple[LayerRoute, ...]
+
+    def __post_init__(self) -> None:
+        _int_at_least(self.n_experts, 1, "n_experts")
+        _int_at_least(self.top_k, 1, "top_k")
+        if self.top_k > self.n_experts:
+            raise _routing_error("top_k", f"at most n_experts = {self.n_experts}", self.top_k)
+        if not isinstance(self.layers, list | tuple) or not self.layers or \
+                not all(isinstance(x, LayerRoute) for x in self.layers):
+            raise _routing_error("layers", "a non-empty sequence of LayerRoute", self.layers)
+        layers = tuple(self.layers)
+        indices = [x.layer for x in layers]
+        if any(b <= a for a, b in zip(indices, indices[1:], strict=False)):
+            raise _routing_error("layers", "in increasing, distinct layer order", indices)
+        n_queries = len(layers[0].experts)
+        for x in layers:
+            if len(x.experts) != n_queries:
+                raise _routing_error(f"layers[layer={x.layer}].experts", f"{n_queries} fusion queries as in the "
+                                     "first layer", len(x.experts))
+            for q, row in enumerate(x.experts):
+                if len(row) != self.top_k or max(row) >= self.n_experts:
+                    raise _routing_error(f"layers[layer={x.layer}].experts[{q}]",
+                                         f"{self.top_k} experts in [0, {self.n_experts})", list(row))
+        object.__setattr__(self, "layers", layers)
+
+    @classmethod
+    def rounded(cls, n_experts: int, top_k: int, layers: Mapping[int, tuple[object, object]]) -> RoutingPath:
+        """A routing path from the router's output, gate weights rounded to :data:`ROUTING_WEIGHT_DECIMALS`.
+
+        Args:
+            n_experts: E.
+            top_k: K.
+            layers: bridge layer index -> ``(experts, weights)``, each ``[Q][K]`` nested lists (``tolist()`` of
+                the router's int64 indices and float weights of one row).
+
+        Raises:
+            RecordError: as the constructor.
+        """
+        return cls(n_experts, top_k, tuple(
+            LayerRoute(layer, experts, [[round(float(w), ROUTING_WEIGHT_DECIMALS) for w in row] for row in weights])
+            for layer, (experts, weights) in sorted(layers.items())
+        ))
+
+    def to_dict(self) -> dict:
+        """The JSON-ready wire form (:data:`ROUTING_SCHEMA`)."""
+        return {"n_experts": self.n_experts, "top_k": self.top_k, "layers": [x.to_dict() for x in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: object) -> RoutingPath:
+        """Parse and validate the wire form.
+
+        Raises:
+            RecordError: ``BAD_DECISION`` when it is not an object of :data:`ROUTING_SCHEMA` (unknown keys
+                included).
+        """
+        keys = ("n_experts", "top_k", "layers")
+        if not isinstance(data, Mapping) or set(data) != set(keys):
+            got = sorted(data) if isinstance(data, Mapping) else data
+            raise _routing_error("", f"an object with exactly the keys {list(keys)}", got)
+        if not isinstance(data["layers"], list | tuple):
+            raise _routing_error("layers", "a list", data["layers"])
+        layers = []
+        for i, x in enumerate(data["layers"]):
+            if not isinstance(x, Mapping) or set(x) != {"layer", "experts", "weights"}:
+                got = sorted(x) if isinstance(x, Mapping) else x
+                raise _routing_error(f"layers[{i}]", "an object with exactly the keys layer, experts, weights", got)
+            layers.append(LayerRoute(x["layer"], x["experts"], x["weights"]))
+        return cls(data["n_experts"], data["top_k"], tuple(layers))
+
+
 @dataclass(frozen=True)
 class Decision:
     """One decision per unit, as written to ``inspection.decisions`` (structured-mode CloudEvent, JSON).
@@ -444,6 +649,8 @@ class Decision:
         attributions: explanation summary: always ``{"modality": {name: phi}}``, deeper levels when budgeted.
         inputs: coordinates of every reading the decision used.
         latency_ms: from the newest reading's arrival to the decision.
+        routing: the sparse MoE path of the unit's own forward pass (:class:`RoutingPath`); None for a model
+            without a sparse MoE, and for decisions of older producers, which have no ``routing`` field.
     """
 
     unit_id: str
@@ -464,6 +671,7 @@ class Decision:
     latency_ms: float
     report_url: str | None = None
     source: str = "inspection/serve"
+    routing: RoutingPath | None = None
 
     def __post_init__(self) -> None:
         check_id(self.unit_id, "unit_id", Reason.BAD_UNIT_ID)
@@ -484,6 +692,9 @@ class Decision:
         object.__setattr__(self, "attributions", MappingProxyType(dict(self.attributions)))
         _check_event_time(self.event_time)
         _check_event_time(self.decided_at)
+        if self.routing is not None and not isinstance(self.routing, RoutingPath):
+            raise RecordError(Reason.BAD_DECISION, f"routing must be a RoutingPath or None; got "
+                              f"{type(self.routing).__name__}")
 
     @property
     def id(self) -> str:
@@ -515,6 +726,7 @@ class Decision:
                 "event_time": format_time(self.event_time),
                 "latency_ms": self.latency_ms,
                 "report": self.report_url,
+                "routing": None if self.routing is None else self.routing.to_dict(),
             },
         }
 
@@ -548,6 +760,7 @@ class Decision:
                 latency_ms=d["latency_ms"],
                 report_url=d.get("report"),
                 source=ev["source"],
+                routing=None if d.get("routing") is None else RoutingPath.from_dict(d["routing"]),
             )
         except RecordError:
             raise

@@ -8,6 +8,8 @@ Layout of a store rooted at ``<root>``::
         m0001-3fa2c1d0/
             weights.safetensors   the model's state_dict (tensors only, dtypes kept)
             card.json             the model card: the caller's fields plus the store's fields
+        adapters/m0001-3fa2c1d0/<line>/   per-line adapters of that version, each line a store of this
+                                  layout (:mod:`inspection.adapters`); pruning a version removes its adapters
 
 Version ids are ``m{n:04d}-{sha256[:8]}``: ``n`` counts up across the store's life (it is never reused, even
 after pruning) and the suffix is the start of the weights file's SHA-256. Nothing in the store is ever
@@ -61,6 +63,8 @@ WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
 PROMOTIONS_FILE = "promotions.json"
 LOCK_FILE = ".lock"
+#: Folder of a store that holds the per-line adapters of its versions (``adapters/<version>/<line>/``).
+ADAPTERS_DIR = "adapters"
 #: Card field naming the calibration of the weights; empty or missing means the version is uncalibrated.
 THRESHOLD_VERSION_FIELD = "threshold_version"
 #: State-dict key of the model's per-line decision thresholds (NaN until calibrated).
@@ -732,4 +736,12 @@ class ModelStore:
             except OSError as exc:
                 raise StoreError(f"cannot remove old version {version} from {self.root}: {exc}") from exc
             shutil.rmtree(trash, ignore_errors=True)
+            adapters = self.root / ADAPTERS_DIR / version  # adapters fit their base version only
+            if adapters.is_dir():
+                trash = self.root / f"{_TRASH_PREFIX}{ADAPTERS_DIR}-{version}-{uuid.uuid4().hex}"
+                try:
+                    os.rename(adapters, trash)
+                except OSError as exc:
+                    raise StoreError(f"cannot remove the adapters of old version {version}: {exc}") from exc
+                shutil.rmtree(trash, ignore_errors=True)
         return removed

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from inspection.config import from_dict
 from inspection.errors import ConfigError, DataError
-from inspection.model import Batch, InspectionModel, ModelConfig
+from inspection.model import Batch, InspectionModel, ModelConfig, ModelOutput
 from inspection.progress import Meter, Progress, format_duration
 from inspection.records import MODALITIES, Unit
 
@@ -277,7 +277,9 @@ def _param_groups(model: InspectionModel, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` of ``total``: linear warm-up over ``warmup`` steps,
+    then cosine decay to 0."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -524,22 +526,9 @@ def train_supervised(
         for s in range(steps_per_epoch):
             step = epoch * steps_per_epoch + s
             for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-                g["lr"] = lr * _lr_factor(step, total, warmup)
+                g["lr"] = lr * lr_factor(step, total, warmup)
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            batch, t = train.take(idx)
-            present = drop_modalities(batch.present, model_config.modality_dropout, gen)
-            t = visible_targets(t, present, model_config.class_names)
-            batch = batch.to(device)
-            if cfg.augment:
-                batch = augment_images(batch, gen, cfg.photometric_jitter, cfg.affine_jitter)
-            t = Targets(t.defect.to(device), t.klass.to(device), t.culprit.to(device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                out = model(batch, present.to(device))
-                loss, parts = supervised_loss(out, t, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            out, parts = supervised_step(model, train, idx, gen, opt, cfg, device, model.parameters())
             if average is not None:
                 average.update(model)
             for layer, stats in zip(moe_layers, out.router_stats, strict=True):
@@ -585,6 +574,30 @@ def train_supervised(
         log.warning("matplotlib is not installed: no curves.png")
     model.cpu().eval()
     return TrainResult(model, history, seconds)
+
+
+def supervised_step(model: InspectionModel, prepared: PreparedSet, idx: torch.Tensor, gen: torch.Generator,
+                    opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
+                    params) -> tuple[ModelOutput, dict[str, float]]:
+    """One optimizer step of the supervised loss on the prepared rows ``idx``: modality dropout (targets follow
+    what stays visible), image augmentation on ``device``, bf16 autocast on CUDA when ``cfg.amp``, gradients
+    clipped to ``cfg.grad_clip`` over ``params`` (the parameters being trained). Returns the forward's output
+    (its router stats feed the experts' bias update) and the loss parts (floats)."""
+    batch, t = prepared.take(idx)
+    present = drop_modalities(batch.present, model.config.modality_dropout, gen)
+    t = visible_targets(t, present, model.config.class_names)
+    batch = batch.to(device)
+    if cfg.augment:
+        batch = augment_images(batch, gen, cfg.photometric_jitter, cfg.affine_jitter)
+    t = Targets(t.defect.to(device), t.klass.to(device), t.culprit.to(device))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        out = model(batch, present.to(device))
+        loss, parts = supervised_loss(out, t, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return out, parts
 
 
 def _selection_score(row: dict) -> tuple[float, float, float]:

@@ -12,6 +12,8 @@ Commands::
     inspection demo                   broker -> topics -> produce -> serve -> decisions, on real data
     inspection explain --history H    explanation reports (JSON + HTML) of archived units, and an index
     inspection report --from DIR      index page and global view over explanation reports
+    inspection adapt --from VERSION   train a line's LoRA adapter on a frozen base version (docs/adapters.md)
+    inspection adapters list|promote|rollback   per-line adapter versions of a model store
 
 Exit codes: 0 success, 1 a check failed (e.g. the demo read back something else), 2 invalid input or an
 error the message explains, 130 interrupted.
@@ -328,10 +330,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "model": {"store": str(store), "device": "cpu", "reload_interval_s": 0},
             # the units are published far faster than their event times (10 s apart) advance: a replay
             "join": {"timeout_s": 30.0, "watermark_lag_s": 600.0},
-            "metrics": {"port": 0},
+            "metrics": {"port": args.page_port},
             "kafka": {"group_id": f"demo-serve-{uuid.uuid4().hex[:8]}", "commit_interval_ms": 500},
             "archive": {"path": str(out / "archive"), "rotate_units": 1000, "rotate_s": 600},
             "run_dir": str(out),
+            # --serve-page: explanation reports of the defects, so the page links each one to its report
+            **({"reports": {"dir": str(out / "reports"), "units": "defects"}} if args.serve_page else {}),
         })
         service = StreamService(config, broker.bootstrap, instance_id="demo")
         failure: list[BaseException] = []
@@ -351,7 +355,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             wait_for_assignment(decisions_reader, timeout_s=60)
             if not service.wait_ready(120):
                 raise InspectionError(f"the stream service did not start: {failure[0] if failure else 'timeout'}")
-            print(f"[demo] serving with metrics on http://127.0.0.1:{service.metrics_port}/metrics", file=sys.stderr)
+            page_url = service.summary()["operator_page"]
+            print(f"[demo] serving with metrics on http://127.0.0.1:{service.metrics_port}/metrics; live operator "
+                  f"page on {page_url}", file=sys.stderr)
             producer = make_producer(broker.bootstrap)
             try:
                 with _progress(len(units), "produce") as bar:
@@ -367,6 +373,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 for record in drain(decisions_reader, max_messages=len(units), idle_timeout_s=60):
                     records.append(record)
                     bar.update(1)
+            if args.serve_page:
+                _hold_page(page_url)
         finally:
             consumer.close(autocommit=False)
             decisions_reader.close(autocommit=False)
@@ -416,6 +424,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{summary['accuracy']:.3f}, F1 {summary['f1']:.3f}, p50 latency {summary['latency_ms']['p50']:.0f} ms) "
           f"through {broker.bootstrap}; decisions summary in {out / 'demo_summary.json'}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _hold_page(url: str) -> None:
+    """Block until Ctrl-C or SIGTERM while the demo's service keeps serving its operator page at ``url``."""
+    done = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print(f"[demo] the live operator page stays at {url} (each defect links to its explanation report); "
+          "Ctrl-C ends the demo", file=sys.stderr)
+    try:
+        while not done.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _decision_summary(units: list[Unit], decisions: dict[str, Decision], records: int) -> dict:
@@ -481,7 +504,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop())
     service.run()
-    print(json.dumps(service.summary()), flush=True)
+    # one write of the whole line: workers of one supervisor share its stdout, and print() writes the text and
+    # its newline separately when the stream is unbuffered, so two workers' lines could interleave
+    sys.stdout.write(json.dumps(service.summary()) + "\n")
+    sys.stdout.flush()
     return 0
 
 
@@ -496,9 +522,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                       seed=args.seed, device=args.device, amp=not args.no_amp, ema_decay=args.ema_decay,
                       soft_targets=args.soft_targets, photometric_jitter=args.photometric_jitter,
                       affine_jitter=args.affine_jitter)
-    if args.mode != "supervised":
-        raise ConfigError("--mode normal-only is not yet available: train --mode supervised (the default) on "
-                          "labelled data")
+    if args.mode == "normal-only":
+        return _train_normal_only(args)
+    if args.target_far is not None:
+        raise ConfigError("--target-far applies to --mode normal-only; a supervised model gets its threshold from "
+                          "`inspection calibrate`")
     if args.data is not None:
         return _train_data(args, cfg)
     given = [flag for flag, value in (("--labels", args.labels), ("--line", args.line), ("--name", args.name),
@@ -554,6 +582,57 @@ def _train_data(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def _train_normal_only(args: argparse.Namespace) -> int:
+    """``inspection train --mode normal-only``: a normal-only detector fitted on good units and calibrated at
+    ``--target-far`` on held-out good units, saved promoted (docs/own-data.md); prints what it used."""
+    import torch
+
+    from inspection.normal_experiments import DEFAULT_TARGET_FAR, family, train_normal_bench
+
+    given = [flag for flag, value in (("--seeds", args.seeds), ("--train-seed", args.train_seed),
+                                      ("--modalities", args.modalities), ("--model-set", args.model_set),
+                                      ("--resume", args.resume), ("--soft-targets", args.soft_targets)) if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply to supervised training, not to --mode normal-only")
+    far = DEFAULT_TARGET_FAR if args.target_far is None else args.target_far
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if args.data is None:
+        given = [flag for flag, value in (("--labels", args.labels is not None), ("--line", args.line is not None),
+                                          ("--name", args.name is not None),
+                                          ("--allow-mixed-rates", args.allow_mixed_rates),
+                                          ("--val-fraction", args.val_fraction is not None)) if value]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to --data (a plant's own data), not to --bench")
+        for version in train_normal_bench(args.bench, args.seed, store_root=args.store, fold=args.fold,
+                                          target_far=far, image_size=args.image_size, device=device,
+                                          keep=_keep(args, [args.seed])):
+            card = version.card
+            print(json.dumps({"bench": args.bench, "mode": "normal-only", "seed": args.seed, "fold": card["fold"],
+                              "model": family(args.bench), "version": version.version, "store": str(version.path),
+                              "units": card["units_used"], "threshold": card["threshold"], "target_far": far,
+                              "calibration_far": card["calibration_far"]}, default=_plain_json), flush=True)
+        return 0
+    from inspection.data.own_data import DEFAULT_VAL_FRACTION, resolve_data
+    from inspection.own_training import train_normal_data
+
+    if args.fold is not None:
+        raise ConfigError("--fold applies to --bench bearings, not to --data")
+    fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    spec = resolve_data(args.data, labels=args.labels, line=args.line, val_fraction=fraction,
+                        allow_mixed_rates=args.allow_mixed_rates, mode="normal-only")
+    version, data = train_normal_data(spec, store_root=args.store, name=args.name, image_size=args.image_size,
+                                      target_far=far, device=device, keep=_keep(args, [args.seed]))
+    card = version.card
+    print(json.dumps({"data": args.data, "kind": spec.kind, "files": len(spec.paths), "labels": spec.labels,
+                      "mode": "normal-only", "model": card["name"], "version": version.version,
+                      "store": str(version.path), "lines": data.lines, "modalities": card["modalities"],
+                      "units": card["units_used"], "assumed_normal": data.assumed_normal,
+                      "label_sources": data.label_sources, "skipped": data.skips.to_dict(),
+                      "threshold": card["threshold"], "target_far": far,
+                      "calibration_far": card["calibration_far"]}, default=_plain_json), flush=True)
+    return 0
+
+
 def _folds(bench: str, fold: int | None) -> list[int | None]:
     """The folds a command works through: every fold of a cross-validated bench unless one is named."""
     from inspection.benches import BEARINGS_FOLDS
@@ -570,6 +649,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if args.modalities or args.all_baselines:
             raise ConfigError("--modalities and --all-baselines apply to --bench, not to --name")
         names = [args.name]
+        if _calibrate_normal_only(args):
+            return 0
     else:
         names = [family(args.bench, args.modalities.split(",") if args.modalities else None)]
         if args.bench == "composite" and args.all_baselines:
@@ -580,12 +661,43 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         store = ModelStore(Path(args.store) / name)
         targets = [args.version] if args.version else _uncalibrated_latest(store, args.seeds)
         for version in targets:
-            v = calibrate_version(args.store, name, version, method=args.method, target_far=args.target_far,
+            v = calibrate_version(args.store, name, version, method=args.method or "max_f1", target_far=args.target_far,
                                   device=args.device, threshold=args.threshold, keep=_keep(args, args.seeds),
                                   progress=args.progress, data_path=args.data, labels_path=args.labels)
             print(json.dumps({"model": name, "from": version, "version": v.version,
                               "calibration": v.card["calibration"]}, default=_plain_json), flush=True)
     return 0
+
+
+def _calibrate_normal_only(args: argparse.Namespace) -> bool:
+    """``inspection calibrate --name NAME`` of a normal-only version (``--version``, else the promoted one):
+    re-choose its threshold at ``--target-far`` on its held-out normal units and save a new, promoted version.
+    Returns False, doing nothing, when the version is not normal-only."""
+    from inspection.normal_experiments import calibrate_normal_bench
+    from inspection.own_training import calibrate_normal_data
+    from inspection.store import ModelStore
+
+    store = ModelStore(Path(args.store) / args.name)
+    base = store.get(args.version) if args.version else store.promoted()
+    if base is None or base.card.get("mode") != "normal-only":
+        return False
+    wrong = [flag for flag, value in (("--method " + str(args.method), args.method not in (None, "far")),
+                                      ("--threshold", args.threshold is not None), ("--seeds", args.seeds))
+             if value]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} do not apply to normal-only version {base.version}: its threshold is "
+                          "set at a false-alarm rate on held-out normal units (--target-far)")
+    if base.card.get("source") is not None:  # trained on own data
+        saved = calibrate_normal_data(store, base.version, args.target_far, device=args.device, data_path=args.data,
+                                      labels_path=args.labels)
+    else:
+        if args.data is not None or args.labels is not None:
+            raise ConfigError(f"version {base.version} was fitted on the {base.card.get('bench')} bench; --data and "
+                              "--labels apply to models trained on own data")
+        saved = calibrate_normal_bench(store, base.version, args.target_far, device=args.device)
+    print(json.dumps({"model": args.name, "from": base.version, "version": saved.version,
+                      "calibration": saved.card["calibration"]}, default=_plain_json), flush=True)
+    return True
 
 
 def _plain_json(obj):
@@ -633,6 +745,8 @@ def _uncalibrated_latest(store, seeds) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.mode == "normal-only":
+        return _evaluate_normal_only(args)
     if args.bench == "skab":
         from inspection.skab_protocol import evaluate_skab
 
@@ -647,6 +761,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_normal_only(args: argparse.Namespace) -> int:
+    """``inspection evaluate --bench B --mode normal-only``: the newest stored normal-only version (every fold of
+    bearings) on the bench's test split; merged into ``<results>/normal_only.json`` beside ``<results>/<B>.json``."""
+    from inspection.normal_experiments import evaluate_normal_bench
+
+    if args.bench == "skab":
+        raise ConfigError("SKAB's normal-only protocol is `inspection evaluate --bench skab` (without --mode)")
+    if args.tta or (args.seeds and len(args.seeds) > 1):
+        raise ConfigError("--mode normal-only evaluates one seed (--seeds S) without --tta")
+    path = evaluate_normal_bench(args.bench, args.store, args.seeds[0] if args.seeds else 0,
+                                 results_dir=args.results, device=args.device)
+    result = json.loads(Path(path).read_text())["benches"][args.bench]
+    keys = ("auroc", "f1", "far", "recall", "calibration_far", "threshold", "target_far", "n_fit", "n_calibration",
+            "n_test", "auroc_mean_over_folds_with_healthy_test", "auroc_pooled", "recall_pooled", "far_pooled",
+            "supervised")
+    print(json.dumps({"bench": args.bench, "mode": "normal-only", "result": str(path),
+                      **{k: result[k] for k in keys if k in result}}, indent=1))
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from explain.report import explain_to_reports, write_index
     from inspection.data.history import read_history
@@ -654,6 +788,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from services.scoring import load_serving_model, resolve_device
 
     serving = load_serving_model(ModelStore(args.store), args.model, resolve_device(args.device))
+    if serving.normal_only is not None:
+        raise ConfigError(f"version {serving.version} is a normal-only model: its decisions carry their modality "
+                          "attributions (`inspection rescore`); explanation reports explain supervised models")
     wanted = set(args.unit or ())
     units: list[Unit] = []
     for archived in read_history(args.history):
@@ -813,6 +950,73 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- adapters
+def cmd_adapt(args: argparse.Namespace) -> int:
+    """``inspection adapt``: one line's LoRA adapter on a frozen base version, trained on the line's own data,
+    calibrated on its validation units and saved beside the base (docs/adapters.md)."""
+    from inspection.adapters import AdapterConfig, adapt_data
+    from inspection.data.own_data import DEFAULT_VAL_FRACTION, resolve_data
+    from inspection.training import TrainConfig
+
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    config = AdapterConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets,
+                           backbone_stages=args.backbone_stages)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                      amp=not args.no_amp, soft_targets=args.soft_targets)
+    fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    spec = resolve_data(args.data, labels=args.labels, line=args.line, val_fraction=fraction,
+                        allow_mixed_rates=args.allow_mixed_rates)
+    version, result, data = adapt_data(args.store, args.base, spec, config, cfg, method=args.method,
+                                       target_far=args.target_far, threshold=args.threshold,
+                                       promote=not args.no_promote, keep=args.keep, progress=args.progress)
+    cal = result.calibration
+    print(json.dumps({"line": args.line, "base": version.card["base_version"], "version": version.version, "store": str(version.path),
+                      "promoted": version.promoted, "rank": config.rank, "targets": list(config.targets),
+                      "trainable_parameters": result.fit.trainable, "trainable_share": result.trainable_share,
+                      "units": {"train": len(data.train), "val": len(data.val)}, "skipped": data.skips.to_dict(),
+                      "threshold": cal.threshold, "threshold_version": cal.version, "val": cal.metrics,
+                      "val_base": result.base_metrics, "train_seconds": round(result.fit.seconds, 1)},
+                     default=_plain_json), flush=True)
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    """``inspection adapters list|promote|rollback``: per-line adapter versions beside their base versions."""
+    from inspection.adapters import adapter_store, list_adapters
+    from inspection.store import ModelStore
+
+    family = ModelStore(args.store)
+    if args.action == "list":
+        for e in list_adapters(family, args.base, args.line):
+            card = e.version.card
+            print(json.dumps({"base": e.base_version, "line": e.line, "version": e.version.version,
+                              "promoted": e.version.promoted, "created": e.version.created,
+                              "rank": card.get("adapter", {}).get("rank"),
+                              "targets": card.get("adapter", {}).get("targets"),
+                              "threshold_version": card.get("threshold_version"),
+                              "val_f1": card.get("metrics", {}).get("val", {}).get("f1"),
+                              "sha256": e.version.sha256[:16]}, default=_plain_json))
+        return 0
+    if not args.line:
+        raise ConfigError(f"`inspection adapters {args.action}` needs --line (see `inspection adapters list`)")
+    base = args.base
+    if base is None:
+        promoted = family.promoted()
+        if promoted is None:
+            raise ConfigError(f"no version of {family.root} is promoted: name the base version with --base")
+        base = promoted.version
+    store = adapter_store(family, base, args.line)
+    if args.action == "promote":
+        if not args.version:
+            raise ConfigError("`inspection adapters promote` needs the adapter version (see `inspection adapters "
+                              "list`)")
+        v = store.promote(args.version)
+    else:
+        v = store.rollback()
+    print(json.dumps({"base": base, "line": args.line, "promoted": v.version}))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inspection", description="Multimodal industrial inspection service.")
@@ -891,7 +1095,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "kafka.bootstrap in the config)")
     se.add_argument("--config", required=True, type=Path, help="service config, YAML or JSON (docs/service.md)")
     se.add_argument("--group-id", help="consumer group (overrides kafka.group_id)")
-    se.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz (overrides metrics.port)")
+    se.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz and the operator page "
+                                                      "(overrides metrics.port)")
     se.add_argument("--instance-id", help="name of this instance in logs, client ids and archive files")
     se.add_argument("--workers", type=int, default=1,
                     help="run N service processes in one consumer group on this host, supervised (restarted when "
@@ -906,6 +1111,11 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", default="runs/demo", help="output folder (broker log, history, summary)")
     de.add_argument("--store", default="models/demo",
                     help="model store; without a calibrated model there, a small one is trained on CPU first")
+    de.add_argument("--serve-page", action="store_true",
+                    help="write explanation reports of the defects and keep the service and its live operator "
+                         "page running after the demo until Ctrl-C (with --rate, watch decisions arrive)")
+    de.add_argument("--page-port", type=int, default=0,
+                    help="port of the operator page, /metrics and the probes on 127.0.0.1 (0: a free one, printed)")
     de.set_defaults(func=cmd_demo)
     bench_choices = ["elpv", "bearings", "composite", "skab"]
     tr = sub.add_parser("train", help="train a model on a benchmark split and save it to the model store")
@@ -919,7 +1129,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--line", help="--data: keep only this line's units (history) or set their line id (folder)")
     tr.add_argument("--name", help="--data: model name, the store family <store>/<name> (default line-<line>)")
     tr.add_argument("--mode", choices=["supervised", "normal-only"], default="supervised",
-                    help="supervised trains on labels; normal-only is not yet available")
+                    help="supervised trains on labels; normal-only fits a deviation detector on good units only "
+                         "and saves it calibrated at --target-far (docs/own-data.md)")
+    tr.add_argument("--target-far", type=float,
+                    help="--mode normal-only: false-alarm rate the threshold allows on the held-out good units "
+                         "(default 0.01)")
     tr.add_argument("--allow-mixed-rates", action="store_true",
                     help="--data: accept vibration at several sample rates when each is at least 40 kHz")
     tr.add_argument("--seed", type=int, default=0, help="split and training seed")
@@ -973,8 +1187,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--all-baselines", action="store_true", help="composite: also the single-modality models")
     ca.add_argument("--version", help="the version to calibrate (default: newest uncalibrated per seed / promoted)")
     ca.add_argument("--seeds", type=int, nargs="*")
-    ca.add_argument("--method", choices=["max_f1", "far", "max_accuracy", "fixed"], default="max_f1",
-                    help="fixed: one given --threshold for every line, no validation data")
+    ca.add_argument("--method", choices=["max_f1", "far", "max_accuracy", "fixed"],
+                    help="default max_f1; fixed: one given --threshold for every line, no validation data; a "
+                         "normal-only version is always calibrated at --target-far")
     ca.add_argument("--threshold", type=float, help="the threshold of --method fixed (a defect probability)")
     ca.add_argument("--target-far", type=float, default=0.01)
     ca.add_argument("--device", default="cpu")
@@ -986,6 +1201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate calibrated models on a benchmark's test split")
     ev.add_argument("--bench", choices=bench_choices, required=True)
+    ev.add_argument("--mode", choices=["supervised", "normal-only"], default="supervised",
+                    help="normal-only: the bench's stored normal-only versions (`train --mode normal-only`), written "
+                         "to <results>/normal_only.json beside the supervised <results>/<bench>.json")
     ev.add_argument("--seeds", type=int, nargs="*")
     ev.add_argument("--tta", action="store_true", help="average 8 views of each image (4 rotations, each also mirrored)")
     ev.add_argument("--device", default="cpu")
@@ -1088,6 +1306,60 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("version", nargs="?")
     mo.add_argument("--store", required=True, help="a model family's store, e.g. models/elpv")
     mo.set_defaults(func=cmd_models)
+
+    ad = sub.add_parser("adapt", help="train a line's LoRA adapter on a frozen base version (docs/adapters.md)",
+                        description="Low-rank adapters of the bridge projections, heads and vision projection (and "
+                                    "optionally the backbone's 1x1 convolutions) trained on one line's own data while "
+                                    "the base stays frozen; the line's threshold is chosen on its validation units "
+                                    "with the adapter in place. Saved as <store>/adapters/<base>/<line>/<version>.",
+                        epilog="example: inspection adapt --store models/line-line-a --from m0002-3fa2c1d0 "
+                               "--data cells-b/ --line line-b --rank 8")
+    ad.add_argument("--store", required=True, help="the base model's store family, e.g. models/line-line-a")
+    ad.add_argument("--from", dest="base", required=True, metavar="VERSION",
+                    help="the base version (frozen), or 'promoted' for the store's promoted version")
+    ad.add_argument("--data", required=True, metavar="PATH_OR_GLOB",
+                    help="the line's data: Parquet history or an image folder (docs/own-data.md)")
+    ad.add_argument("--labels", help="labels file overriding the history's labels")
+    ad.add_argument("--line", required=True, help="the line id the adapter serves (the units' ce_lineid)")
+    ad.add_argument("--rank", type=int, default=8, help="rank r of the low-rank updates")
+    ad.add_argument("--alpha", type=float, help="LoRA alpha; updates are scaled by alpha / r (default 2 r)")
+    ad.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapters' inputs in training")
+    ad.add_argument("--targets", default="bridge,heads,vision",
+                    help="comma-separated target groups: bridge, heads, vision, backbone")
+    ad.add_argument("--backbone-stages", type=int, default=2,
+                    help="with target backbone: the last stages whose 1x1 convolutions are adapted")
+    ad.add_argument("--epochs", type=int, default=20)
+    ad.add_argument("--batch-size", type=int, default=32)
+    ad.add_argument("--lr", type=float, default=2e-3, help="learning rate of the adapter")
+    ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--val-fraction", type=float, help="share of the units, the latest by event time, that validate "
+                                                       "(epoch selection and the line's threshold; default 0.2)")
+    ad.add_argument("--allow-mixed-rates", action="store_true",
+                    help="accept vibration at several sample rates when each is at least 40 kHz")
+    ad.add_argument("--soft-targets", action="store_true", help="train the defect score towards graded severities")
+    ad.add_argument("--method", choices=["max_f1", "far", "max_accuracy", "fixed"], default="max_f1",
+                    help="how the line's threshold is chosen on its validation units")
+    ad.add_argument("--threshold", type=float, help="the threshold of --method fixed")
+    ad.add_argument("--target-far", type=float, default=0.01, help="--method far: false-alarm rate on good units")
+    ad.add_argument("--no-amp", action="store_true")
+    ad.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ad.add_argument("--no-promote", action="store_true", help="save without promoting (the service serves promoted "
+                                                              "adapters)")
+    ad.add_argument("--keep", type=int, default=3, help="adapter versions the line keeps")
+    ad.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress on stderr: a bar on a terminal, one line per epoch otherwise")
+    ad.set_defaults(func=cmd_adapt)
+
+    aa = sub.add_parser("adapters", help="list, promote or roll back per-line adapter versions",
+                        description="list works on a read-only store; promote and rollback verify the adapter's "
+                                    "weights (sha256); a service loads the promoted adapter of each line when it "
+                                    "loads its base version")
+    aa.add_argument("action", choices=["list", "promote", "rollback"])
+    aa.add_argument("version", nargs="?", help="promote: the adapter version")
+    aa.add_argument("--store", required=True, help="the base model's store family, e.g. models/line-line-a")
+    aa.add_argument("--line", help="the line (list: only this line)")
+    aa.add_argument("--base", help="the base version (default: the promoted one; list: every base version)")
+    aa.set_defaults(func=cmd_adapters)
     return p
 
 

@@ -399,8 +399,13 @@ def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingMo
         The run's :class:`RescoreResult` (also in ``out/run.json``).
 
     Raises:
-        RescoreError: no history files; DataError: a file that is not history (named).
+        RescoreError: no history files, or reports asked of a normal-only model; DataError: a file that is not
+            history (named).
     """
+    if reporter is not None and serving.normal_only is not None:
+        raise RescoreError(f"model {serving.version} is a normal-only model: its decisions carry their modality "
+                           "attributions, but explanation reports explain a supervised model's fusion; re-score it "
+                           "without --reports")
     t0 = time.monotonic()
     if serving.device.type == "cuda" and not serving.batch_sizes:  # a partition's last batch is a new size:
         serving = dataclasses.replace(serving, batch_sizes=batch_buckets(batch_size))  # pad, as the stream does
@@ -594,6 +599,11 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- audit
+#: Gate weights of a routing path travel rounded to 4 decimals: a weight that floating-point rounding moves
+#: across a half-way point rounds one unit (1e-4) the other way. Experts must be identical.
+ROUTING_WEIGHT_TOLERANCE = 1e-4 + 1e-9
+
+
 @dataclass
 class AuditResult:
     """The outcome of :func:`audit`."""
@@ -612,11 +622,28 @@ class AuditResult:
         return None if self.recorded is None else self.rescored.score - self.recorded.score
 
     @property
+    def routing_matches(self) -> bool | None:
+        """Whether the re-scored routing path is the recorded one: the same experts for every fusion query of
+        every MoE layer, each gate weight within :data:`ROUTING_WEIGHT_TOLERANCE`. None when the recorded
+        decision has no routing path (an older producer, or a model without a sparse MoE)."""
+        r = self.recorded
+        if r is None or r.routing is None:
+            return None
+        a, b = r.routing, self.rescored.routing
+        if b is None or (a.n_experts, a.top_k, [x.layer for x in a.layers]) != \
+                (b.n_experts, b.top_k, [x.layer for x in b.layers]):
+            return False
+        return all(x.experts == y.experts and all(abs(u - v) <= ROUTING_WEIGHT_TOLERANCE
+                                                  for wx, wy in zip(x.weights, y.weights, strict=True)
+                                                  for u, v in zip(wx, wy, strict=True))
+                   for x, y in zip(a.layers, b.layers, strict=True))
+
+    @property
     def matches(self) -> bool:
         r = self.recorded
         return r is not None and r.decision == self.rescored.decision and \
             r.threshold_version == self.rescored.threshold_version and r.threshold == self.rescored.threshold and \
-            abs(self.rescored.score - r.score) <= self.tolerance
+            abs(self.rescored.score - r.score) <= self.tolerance and self.routing_matches is not False
 
     def to_dict(self) -> dict:
         r = self.recorded
@@ -627,7 +654,8 @@ class AuditResult:
                                                 "threshold_version": r.threshold_version},
             "rescored": {"decision": self.rescored.decision, "score": self.rescored.score,
                          "threshold": self.rescored.threshold, "threshold_version": self.rescored.threshold_version},
-            "score_difference": self.score_difference, "tolerance": self.tolerance, "matches": self.matches,
+            "score_difference": self.score_difference, "tolerance": self.tolerance,
+            "routing_matches": self.routing_matches, "matches": self.matches,
         }
 
 

@@ -22,10 +22,29 @@ decisions of the others; a unit that fails alone is dead-lettered.
 
 :func:`warm_up` runs the same forward on synthetic inputs before a model takes traffic, so the one-time costs
 of a GPU (Triton kernel compilation, cuDNN algorithm search: seconds) are not paid by the first units.
+
+**Per-line adapters** (:mod:`inspection.adapters`): :func:`load_serving_model` also loads the promoted LoRA
+adapter of every line of the version (hash-checked, refused when trained on another base). A micro-batch in
+which some unit's line has one runs as one forward of the adapted copy, each row with its line's adapter (peft's
+mixed-adapter batches; the base for other lines); an adapted unit is compared with its line's threshold and its
+decision's ``model_version`` reads ``<version>+<line>:<adapter version>``, its ``threshold_version`` the
+adapter's calibration. Without adapters nothing changes.
+
+A **normal-only** version (card ``mode: normal-only``, :mod:`inspection.normal_only`) is served by the same
+functions through separate helpers (``_load_normal_only``, ``_score_normal_only``): the detector's features of
+each reading (a reading its preprocessing rejects is dead-lettered, as above), its per-modality standardised
+deviations, and the decision's score is the **raw fused deviation** (the largest standardised deviation, a z
+value, not a probability) against the calibrated threshold on the same scale. The class of a unit over the
+threshold is the card's ``defect_class`` (default ``anomaly``). The modality attribution is computed like the
+supervised one, by :func:`explain.shapley.attribution_from_values` over every coalition of the present
+modalities, where a coalition's value is the detector's fused score on those modalities only (the largest of
+their deviations) and the empty coalition's is the baseline deviation 0 (the median held-out normal unit);
+the probability-scale values use the normal CDF of the deviation. Per-modality scores are the deviations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -33,6 +52,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -45,10 +65,13 @@ from explain.shapley import (
     coalition_row,
     stack_coalitions,
 )
+from inspection.adapters import LineAdapters, load_line_adapters
 from inspection.batchprep import prepare_readings
 from inspection.errors import ConfigError, NotCalibratedError, StoreError
 from inspection.model import DEFAULT_LINE, Batch, InspectionModel, ModelConfig
-from inspection.records import MODALITIES, Decision, InputCoordinate, Unit
+from inspection.normal_only import MODE as NORMAL_ONLY
+from inspection.normal_only import NormalOnlyDetector, coalition_scores, deviation_probability
+from inspection.records import MODALITIES, Decision, InputCoordinate, RoutingPath, Unit
 from inspection.store import ModelStore
 from services.dlq import PREPROCESS_FAILED, SCORE_FAILED, DeadLetter, dead_letter_reading
 from services.join import JoinedUnit
@@ -61,7 +84,7 @@ class ServingModel:
     """A loaded, calibrated model and what decisions say about it.
 
     Attributes:
-        model: the model, in eval mode, on ``device``.
+        model: the model, in eval mode, on ``device``; None for a normal-only version.
         version: the store's version id.
         threshold_version: the calibration's version (from the card, else a hash of the thresholds).
         device: where it runs.
@@ -70,17 +93,24 @@ class ServingModel:
             outputs dropped) to the smallest size that holds it. Empty: every batch runs at its own size. On
             CUDA the first forward at a new batch size costs seconds (work done once per input shape),
             so the service warms a few sizes up and pads to them (:func:`batch_buckets`).
+        normal_only: the detector of a normal-only version (then ``model`` is None), else None.
     """
 
-    model: InspectionModel
+    model: InspectionModel | None
     version: str
     threshold_version: str
     device: torch.device
     precision: str = "fp32"
     batch_sizes: tuple[int, ...] = ()
+    normal_only: NormalOnlyServing | None = None
+    #: the promoted per-line LoRA adapters of this version (:mod:`inspection.adapters`); None: every line is
+    #: scored by the base model
+    adapters: LineAdapters | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
+        if self.normal_only is not None:
+            return self.normal_only.detector.modalities
         return self.model.config.modalities
 
     def autocast(self):
@@ -110,6 +140,9 @@ def load_serving_model(store: ModelStore, version: str | None, device: torch.dev
     ``precision``: ``fp32``, ``bf16`` (autocast), or ``auto`` (bf16 on CUDA, fp32 elsewhere). On CUDA the
     image backbone runs channels-last (NHWC), which its convolutions are faster in.
 
+    A normal-only version (card ``mode: normal-only``) loads as its detector (see the module docstring); it
+    always runs in fp32.
+
     Raises:
         StoreError: nothing promoted, an unknown version, a tampered artifact or a card without a model config.
         NotCalibratedError: the version has no decision thresholds.
@@ -118,6 +151,8 @@ def load_serving_model(store: ModelStore, version: str | None, device: torch.dev
     if entry is None:
         raise StoreError(f"no version of the model store {store.root} is promoted; train and calibrate one "
                          "(`inspection train`, `inspection calibrate`) or promote one (`inspection models promote`)")
+    if entry.card.get("mode") == NORMAL_ONLY:
+        return _load_normal_only(store, entry, device, precision)
     state, card = store.load(entry.version, device="cpu")
     if "model_config" not in card:
         raise StoreError(f"version {entry.version} in {store.root} has no model_config in its card; it was not "
@@ -139,7 +174,8 @@ def load_serving_model(store: ModelStore, version: str | None, device: torch.dev
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     threshold_version = card.get("threshold_version") or _thresholds_digest(model)
-    return ServingModel(model, entry.version, str(threshold_version), device, precision)
+    adapters = load_line_adapters(store, entry, model)  # the promoted adapter of each line, hash-checked
+    return ServingModel(model, entry.version, str(threshold_version), device, precision, adapters=adapters)
 
 
 def _thresholds_digest(model: InspectionModel) -> str:
@@ -160,6 +196,8 @@ class Scored:
         attribution: the decision's modality attribution (level 1).
         encoded: the encoder tokens of the forward pass that scored the unit (shared by its batch), and
         row: the unit's row in them; explanation reports reuse them instead of encoding the unit again.
+        attention_spread: per bridge layer, the mean entropy (nats) of the fusion queries' attention weights in
+            the unit's own forward pass (:func:`fusion.bridge.attention_entropy`); a health metric.
     """
 
     joined: JoinedUnit
@@ -169,6 +207,7 @@ class Scored:
     attribution: Any = None
     encoded: Any = None
     row: int = -1
+    attention_spread: list[float] = field(default_factory=list)
 
     @property
     def decision_coordinates(self) -> tuple[InputCoordinate, ...]:
@@ -209,6 +248,8 @@ def score_units(serving: ServingModel, units: Sequence[JoinedUnit], *,
         One :class:`Scored` per unit, in order; ``seconds`` the whole call, ``prepare_seconds`` its
         preprocessing.
     """
+    if serving.normal_only is not None:
+        return _score_normal_only(serving, units, clock=clock, executor=executor)
     t0 = clock()
     results = [Scored(j) for j in units]
     readings = [{m: getattr(res.joined.unit, m) for m in serving.modalities} for res in results]
@@ -302,6 +343,8 @@ def warm_up(serving: ServingModel, batch_sizes: Sequence[int] = (32, 1)) -> floa
     Raises:
         ConfigError: an encoder whose preprocessing has no synthetic input.
     """
+    if serving.normal_only is not None:
+        return _warm_up_normal_only(serving, batch_sizes)
     t0 = time.monotonic()
     model = serving.model
     example = _synthetic_readings(model)
@@ -345,6 +388,8 @@ def tune_batch_size(serving: ServingModel, max_batch: int, *, repeats: int = 3, 
     """
     if max_batch < 1:
         raise ConfigError(f"max_batch must be >= 1; got {max_batch}")
+    if serving.normal_only is not None:
+        return _tune_normal_only(serving, max_batch, repeats=repeats, share=share, clock=clock)
     model = serving.model
     example = _synthetic_readings(model)
     sizes = batch_buckets(max_batch)
@@ -376,10 +421,13 @@ def _forward(serving: ServingModel, results: list[Scored], batch: Batch) -> list
     stats."""
     model = serving.model
     thresholds = model.threshold_for(batch.line_index).float().cpu().tolist()  # [B]
-    with serving.autocast():
+    adapted = _adapter_rows(serving, results, batch)  # each row's line adapter; None: the base for every row
+    if adapted is not None:
+        model, thresholds = adapted.model, adapted.thresholds(thresholds)
+    with serving.autocast(), contextlib.nullcontext() if adapted is None else adapted:
         encoded = model.encode(batch)  # tokens [B, N, D]
         stacked, masks = stack_coalitions(encoded)  # [R, N, D], [R, M]
-        out = model.fuse(stacked, masks)
+        out = model.fuse(stacked, masks, trace=True)
     logits = out.defect_logit.float()  # [R]
     probs = torch.sigmoid(logits).cpu()  # [R], as ModelOutput.score
     logit_list = logits.double().cpu().tolist()
@@ -389,6 +437,11 @@ def _forward(serving: ServingModel, results: list[Scored], batch: Batch) -> list
     present_rows = batch.present.cpu().tolist()
     class_names = model.config.class_names
     decided_at = datetime.now(UTC)
+    # each unit's own forward pass is its grand coalition's row: its routing path and attention spread
+    grand = [coalition_row(b, frozenset(m for m, on in zip(MODALITIES, present_rows[b], strict=True) if on))
+             for b in range(len(results))]
+    routing = model.routing_paths(out, grand)
+    spread = torch.stack([t.attention_spread for t in out.trace], dim=1)[grand].cpu().tolist()  # [B, layers]
     for b, res in enumerate(results):
         players = tuple(m for m, on in zip(MODALITIES, present_rows[b], strict=True) if on)
         rows = {c: coalition_row(b, c) for c in all_coalitions(players)}
@@ -402,13 +455,25 @@ def _forward(serving: ServingModel, results: list[Scored], batch: Batch) -> list
         is_defect = score >= threshold
         defect_class = class_names[1 + int(class_logits[full, 1:].argmax())] if is_defect else class_names[0]
         res.modality_scores = {m: float(modality_probs[full, MODALITIES.index(m)]) for m in players}
+        res.attention_spread = spread[b]
         res.decision = _decision(res, serving, players, score, threshold, defect_class, attribution,
-                                 decided_at)
+                                 decided_at, routing[b])
+        if adapted is not None:  # the adapter's version and calibration name the decision
+            res.decision = adapted.stamp(b, res.decision)
     return list(out.router_stats)
 
 
+def _adapter_rows(serving: ServingModel, results: list[Scored], batch: Batch):
+    """The line adapters of a forward's batch rows (padding rows repeat the last unit's line), or None when no
+    row's line has one: :meth:`inspection.adapters.LineAdapters.rows`."""
+    if serving.adapters is None:
+        return None
+    lines = [res.joined.unit.line_id for res in results]
+    return serving.adapters.rows(lines + lines[-1:] * (len(batch) - len(lines)), batch.present)
+
+
 def _decision(res: Scored, serving: ServingModel, players: tuple[str, ...], score: float, threshold: float,
-              defect_class: str, attribution, decided_at: datetime) -> Decision:
+              defect_class: str, attribution, decided_at: datetime, routing: RoutingPath | None = None) -> Decision:
     joined = res.joined
     unit: Unit = joined.unit
     inputs = tuple(joined.inputs[m] for m in players)
@@ -442,6 +507,7 @@ def _decision(res: Scored, serving: ServingModel, players: tuple[str, ...], scor
         decided_at=decided_at,
         latency_ms=0.0,
         report_url=None,
+        routing=routing,
     )
     return decision
 
@@ -455,3 +521,153 @@ def _with(decision: Decision, **changes) -> Decision:
 def with_latency(decision: Decision, latency_ms: float) -> Decision:
     """The same decision with its latency set (the id does not depend on it)."""
     return _with(decision, latency_ms=max(0.0, float(latency_ms)))
+
+
+# ------------------------------------------------------------------------------------------- normal-only
+@dataclass(frozen=True)
+class NormalOnlyServing:
+    """A served normal-only version: its calibrated detector, and the class a unit over its threshold gets."""
+
+    detector: NormalOnlyDetector
+    defect_class: str
+
+
+def _load_normal_only(store: ModelStore, entry, device: torch.device, precision: str) -> ServingModel:
+    """A normal-only version of ``store`` as a :class:`ServingModel` (``model`` None), its detector on ``device``.
+
+    Raises:
+        StoreError: a tampered artifact, or one that does not hold a complete detector.
+        NotCalibratedError: the detector has no threshold.
+        ConfigError: an unknown ``precision``.
+    """
+    from inspection.normal_only import DEFECT_CLASS
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision must be auto, fp32 or bf16; got {precision!r}")
+    try:
+        detector, card = NormalOnlyDetector.load(store, entry.version)
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"version {entry.version} in {store.root} cannot be rebuilt: {exc}") from exc
+    if not detector.calibrated:
+        raise NotCalibratedError(f"version {entry.version} in {store.root} has no calibrated threshold; run "
+                                 "`inspection calibrate --name NAME --target-far F` and serve the calibrated version")
+    detector.to(device)
+    threshold_version = str(card.get("threshold_version") or "")
+    defect_class = str(card.get("defect_class") or DEFECT_CLASS)
+    return ServingModel(None, entry.version, threshold_version, device, "fp32",
+                        normal_only=NormalOnlyServing(detector, defect_class))
+
+
+def _score_normal_only(serving: ServingModel, units: Sequence[JoinedUnit], *, clock=time.monotonic,
+                       executor: Executor | None = None) -> BatchResult:
+    """:func:`score_units` of a normal-only version (see the module docstring); ``prepare_seconds`` is the
+    feature extraction (preprocessing and, for images, the backbone)."""
+    t0 = clock()
+    detector = serving.normal_only.detector
+    results = [Scored(j) for j in units]
+    map_fn = executor.map if executor is not None and len(results) > 1 else map
+    feats, failures = detector.extract([res.joined.unit for res in results], map_fn)
+    for b, m, detail in failures:
+        results[b].dead.append(_dead(results[b].joined, m, PREPROCESS_FAILED, detail))
+    prepare_seconds = clock() - t0
+    live = sorted({int(b) for rows, _ in feats.values() for b in rows})
+    for i, res in enumerate(results):
+        if i not in live and not res.dead:  # nothing the detector reads
+            for m in res.joined.unit.present:
+                res.dead.append(_dead(res.joined, m, SCORE_FAILED,
+                                      f"unit has none of the modalities the model reads ({serving.modalities})"))
+    out = BatchResult(results)
+    if live:
+        try:
+            _decide_normal_only(serving, [results[b] for b in live], _rows(feats, live))
+            out.forward_units = out.forward_rows = len(live)
+        except Exception as exc:  # noqa: BLE001 - isolate the unit the detector cannot take
+            log.warning("normal-only scoring of %d units failed (%s: %s); scoring them one by one",
+                        len(live), type(exc).__name__, exc)
+            for b in live:
+                try:
+                    _decide_normal_only(serving, [results[b]], _rows(feats, [b]))
+                    out.forward_units += 1
+                    out.forward_rows += 1
+                except Exception as one:  # noqa: BLE001
+                    res = results[b]
+                    for m in (m for m in MODALITIES if m in feats and b in feats[m][0]):
+                        res.dead.append(_dead(res.joined, m, SCORE_FAILED, f"{type(one).__name__}: {one}"))
+    out.seconds = clock() - t0
+    out.prepare_seconds = prepare_seconds
+    return out
+
+
+def _rows(feats: dict[str, tuple[np.ndarray, np.ndarray]], keep: Sequence[int]) -> dict:
+    """The features of units ``keep`` (batch indices), re-indexed ``0..len(keep)-1`` in that order."""
+    pos = {b: k for k, b in enumerate(keep)}
+    out = {}
+    for m, (rows, x) in feats.items():
+        sel = [j for j, b in enumerate(rows.tolist()) if b in pos]
+        if sel:
+            out[m] = (np.array([pos[rows[j]] for j in sel], dtype=np.int64), x[sel])
+    return out
+
+
+def _decide_normal_only(serving: ServingModel, results: list[Scored], feats: dict) -> None:
+    """Fill the decisions of ``results`` (one per unit of ``feats``): score, class, exact modality attribution."""
+    served = serving.normal_only
+    detector = served.detector
+    scores = detector.score_features(feats, len(results), [r.joined.unit.unit_id for r in results])
+    decided_at = datetime.now(UTC)
+    for k, res in enumerate(results):
+        deviations = {m: float(scores.deviations[k, i]) for i, m in enumerate(MODALITIES)
+                      if np.isfinite(scores.deviations[k, i])}
+        players = tuple(deviations)  # MODALITIES order
+        game = coalition_scores(deviations)  # coalition -> the fused deviation of its modalities
+        values = CoalitionValues(players, dict(game), {c: deviation_probability(v) for c, v in game.items()})
+        attribution = attribution_from_values(res.joined.unit.unit_id, values)
+        score = game[frozenset(players)]  # the unit's fused deviation, scores.score[k]
+        threshold = float(scores.threshold)
+        defect_class = served.defect_class if score >= threshold else "ok"
+        res.attribution, res.modality_scores = attribution, dict(deviations)
+        decision = _decision(res, serving, players, score, threshold, defect_class, attribution, decided_at)
+        res.decision = _with(decision, attributions={**decision.attributions, "mode": NORMAL_ONLY,
+                                                      "scale": "deviation"})
+
+
+def _normal_only_example(serving: ServingModel) -> SimpleNamespace:
+    """One synthetic unit with every modality the detector reads (see :func:`_synthetic_readings`)."""
+    extractor = serving.normal_only.detector.extractor  # has .config.modalities and .encoders[m] as a model does
+    return SimpleNamespace(**_synthetic_readings(extractor))
+
+
+def _normal_only_pass(serving: ServingModel, example: SimpleNamespace, n: int) -> None:
+    detector = serving.normal_only.detector
+    feats, failures = detector.extract([example] * n)
+    if failures:
+        raise ConfigError(f"the warm-up input does not fit the detector: {failures[0][2]}")
+    detector.score_features(feats, n)
+
+
+def _warm_up_normal_only(serving: ServingModel, batch_sizes: Sequence[int]) -> float:
+    """:func:`warm_up` of a normal-only version: the feature extraction and scoring once per batch size."""
+    t0 = time.monotonic()
+    example = _normal_only_example(serving)
+    for n in batch_sizes:
+        _normal_only_pass(serving, example, n)
+    if serving.device.type == "cuda":
+        torch.cuda.synchronize(serving.device)
+    return time.monotonic() - t0
+
+
+def _tune_normal_only(serving: ServingModel, max_batch: int, *, repeats: int, share: float,
+                      clock) -> tuple[int, dict[int, float]]:
+    """:func:`tune_batch_size` of a normal-only version, timing the feature extraction and scoring."""
+    example = _normal_only_example(serving)
+    rates: dict[int, float] = {}
+    for n in batch_buckets(max_batch):
+        _normal_only_pass(serving, example, n)
+        times = []
+        for _ in range(repeats):
+            t0 = clock()
+            _normal_only_pass(serving, example, n)
+            times.append(clock() - t0)
+        rates[n] = n / sorted(times)[len(times) // 2]
+    best = max(rates.values())
+    return min(n for n, r in rates.items() if r >= share * best), rates

@@ -71,6 +71,7 @@ from services.clients import (
 from services.drift import DriftMonitor
 from services.join import JoinedUnit, LateReading, UnitJoiner
 from services.metrics import Heartbeat, OpsServer, ServiceMetrics
+from services.operator_page import DecisionWindow, OperatorPage, OpsAuth, ReportFolder, resolve_token
 from services.scoring import (
     ServingModel,
     batch_buckets,
@@ -98,6 +99,8 @@ _COMMIT_TIMEOUT_MS = 5_000
 _LIVENESS_S = 60.0
 #: Seconds between full garbage collections of the main loop (see :meth:`StreamService._collect_garbage`).
 _GC_INTERVAL_S = 10.0
+#: Seconds between two refreshes of the ``consumer_lag`` gauges (see :meth:`StreamService._update_lag`).
+_LAG_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -126,6 +129,7 @@ class Outgoing:
     item: WorkItem | None = None
     attempts: int = 0
     sent_at: float = 0.0
+    score: float = math.nan  # a decision's score, for the per-line histogram
 
 
 #: Services of this process that froze the heap (several run side by side in one process in tests and embeddings).
@@ -295,6 +299,7 @@ class StreamService:
         self._consumer = None
         self._producer = None
         self._ops: OpsServer | None = None
+        self._recent: DecisionWindow | None = None  # the operator page's recent decisions (fed in _acked)
         self._archive = None
         self._scorer: threading.Thread | None = None
         self._batch_limit = config.batching.max_batch
@@ -302,6 +307,7 @@ class StreamService:
         self._drift = DriftMonitor(config.drift.window, config.drift.alpha) if config.drift.enabled else None
         self._next_reload = 0.0
         self._next_gc = 0.0
+        self._next_lag = 0.0
         self._heap_frozen = False
         self._failed_version: str | None = None
         self._sinks = 1 + (1 if config.archive.path else 0)
@@ -353,6 +359,8 @@ class StreamService:
 
     def _setup(self) -> None:
         cfg = self.config
+        # first: a non-loopback endpoint without its token refuses to start before anything is loaded
+        token = resolve_token(cfg.metrics.host, cfg.metrics.token_env) if cfg.metrics.enabled else None
         import torch
 
         if cfg.model.threads is not None:
@@ -386,9 +394,11 @@ class StreamService:
 
             self._archive = ArchiveSink(cfg.archive.path, self.instance, cfg.archive.rotate_units,
                                         cfg.archive.rotate_s, self._archived).start()
+        self.metrics.watch(lambda: self._heartbeat.age_s, lambda: self._readiness()[0])
         if cfg.metrics.enabled:
+            auth = OpsAuth(token) if token else None
             self._ops = OpsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self._heartbeat.check,
-                                  self._readiness).start()
+                                  self._readiness, page=self._operator_page(auth), auth=auth).start()
         self._scorer = threading.Thread(target=self._score_loop, name="scorer", daemon=True)
         self._scorer.start()
         self._write_resolved_config()
@@ -408,6 +418,10 @@ class StreamService:
         if lacking:
             raise ConfigError(f"join.expected names {lacking}, which model {serving.version} does not read "
                               f"(it reads {list(serving.modalities)})")
+        if self._reporter is not None and serving.normal_only is not None:
+            raise ConfigError(f"model {serving.version} is a normal-only model: its decisions carry their modality "
+                              "attributions, but explanation reports explain a supervised model's fusion; serve it "
+                              "with reports off (reports.dir: null or reports.units: none)")
         if self._reporter is not None and self._reporter.level == 2:
             from explain.api import minimum_budget
 
@@ -455,6 +469,30 @@ class StreamService:
             "started": datetime.now(UTC).isoformat(),
         }
         (run_dir / f"service-{self.instance}.resolved.json").write_text(json.dumps(resolved, indent=2))
+
+    def _operator_page(self, auth: OpsAuth | None) -> OperatorPage | None:
+        """The live operator page (``operator_page``) over a new window of recent decisions, or None."""
+        cfg = self.config
+        if not cfg.operator_page.enabled:
+            return None
+        reports = ReportFolder(cfg.reports.dir) if cfg.reports.dir else None
+        self._recent = DecisionWindow(cfg.operator_page.window, report_link=reports.link if reports else None)
+        return OperatorPage(self._recent, self._page_status, reports=reports, refresh_s=cfg.operator_page.refresh_s,
+                            auth=auth)
+
+    def _page_status(self) -> dict[str, Any]:
+        """The operator page's header (called from HTTP threads): model and threshold versions, queue depth,
+        the latest drift test per modality (None before one ran), readiness."""
+        serving = self._serving
+        drift: dict[str, dict[str, Any]] = {m: {"p_value": None, "drift": None} for m in self.config.join.expected}
+        for gauge, key in ((self.metrics.drift_p, "p_value"), (self.metrics.drift_flag, "drift")):
+            for sample in gauge.collect()[0].samples:
+                value = sample.value if key == "p_value" else sample.value >= 1.0
+                drift.setdefault(sample.labels["modality"], {"p_value": None, "drift": None})[key] = value
+        ready, detail = self._readiness()
+        return {"instance": self.instance, "model_version": serving.version if serving else None,
+                "threshold_version": serving.threshold_version if serving else None,
+                "queue_depth": self.queue_depth(), "drift": drift, "ready": ready, "ready_detail": detail}
 
     def _readiness(self) -> tuple[bool, str]:
         if self._stop.is_set():
@@ -887,12 +925,16 @@ class StreamService:
         self.metrics.stage_seconds.labels("produce").observe(now - out.sent_at)
         if out.kind == "decision":
             self.stats.decisions_acked += 1
-            self.metrics.decisions.labels(out.labels[0]).inc()
+            self.metrics.record_decision(out.labels[1], out.labels[0], out.score)
             if out.item is not None:
                 self.metrics.stage_seconds.labels("end_to_end").observe(now - out.item.last_arrival)
+            if self._recent is not None:
+                self._recent.add(out.value)
         else:
             self.stats.dead_letters_acked += 1
             self.metrics.dlq.labels(*out.labels).inc()
+            if self._recent is not None:
+                self._recent.dead_letter()
 
     def _failed(self, out: Outgoing, exc: BaseException) -> None:
         with self._cv:
@@ -943,6 +985,34 @@ class StreamService:
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(self.queue_depth())
         self.metrics.pending_units.set(self._joiner.pending)
+        self._update_lag()
+
+    def _update_lag(self) -> None:
+        """Every ``_LAG_INTERVAL_S``: per owned input partition, the high watermark of its last fetch response
+        minus the lowest offset this member still needs there (what the next commit could commit: readings
+        buffered, joining, queued or not yet acknowledged count as behind), or minus the consumer's position
+        where it has taken nothing from that partition yet. No request goes to the broker; partitions not
+        fetched yet are left out."""
+        now = time.monotonic()
+        if now < self._next_lag:
+            return
+        self._next_lag = now + _LAG_INTERVAL_S
+        needed = self._tracker.safe_offsets(self._joiner.held_offsets())
+        for key, first in self._aligner.first_offsets().items():
+            needed[key] = min(needed.get(key, first), first)
+        lags = {}
+        for tp in self._assignment:
+            try:
+                high = self._consumer.highwater(tp)
+                start = needed.get((tp.topic, tp.partition))
+                if high is not None and start is None:
+                    start = self._consumer.position(tp, timeout_ms=0)
+            except (KafkaError, ValueError) as exc:  # revoked meanwhile: the next refresh drops it
+                log.debug("no lag for %s[%d]: %s", tp.topic, tp.partition, exc)
+                continue
+            if high is not None and start is not None:
+                lags[(tp.topic, tp.partition)] = max(0, high - start)
+        self.metrics.set_consumer_lag(lags)
 
     # ------------------------------------------------------------------------------------------- scorer
     def _score_loop(self) -> None:
@@ -991,6 +1061,7 @@ class StreamService:
         self.metrics.padding_rows.inc(result.forward_rows - result.forward_units)
         if result.router_stats:
             self.metrics.set_router_stats(result.router_stats)
+        self.metrics.set_attention_spread([scored.attention_spread for scored in result.scored])
         links = self._write_reports(serving, batch, result.scored)
         for item, scored in zip(batch, result.scored, strict=True):
             for letter in scored.dead:
@@ -1005,7 +1076,7 @@ class StreamService:
             decision = with_latency(decision, (time.monotonic() - item.last_arrival) * 1000.0)
             self._send(Outgoing("decision", self.topics.decisions, decision.unit_id.encode(), decision.to_json(),
                                 [("content-type", DECISION_CONTENT_TYPE)], decision.inputs, item.generation,
-                                (decision.decision,), item))
+                                (decision.decision, decision.line_id), item, score=decision.score))
             self.stats.decisions_sent += 1
             log.debug("decided %s: %s (score %.4f, threshold %.4f) from %s", decision.unit_id, decision.decision,
                       decision.score, decision.threshold, ", ".join(map(str, decision.inputs)),
@@ -1165,5 +1236,6 @@ class StreamService:
             "undecodable_batches": s.undecodable_batches,
             "event_time_out_of_bounds": s.out_of_bounds,
             "model_versions": s.model_versions,
+            "operator_page": self._ops.url if self._ops is not None and self._ops.page is not None else None,
         }
 

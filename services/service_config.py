@@ -277,22 +277,49 @@ class ArchiveSection:
 
 @dataclass(frozen=True)
 class MetricsSection:
-    """The HTTP endpoint for ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``.
+    """The HTTP endpoint for ``/metrics`` (Prometheus), ``/healthz``, ``/readyz`` and the operator page.
 
     Attributes:
         enabled: serve the endpoint.
         host: address to bind; loopback by default, so nothing is exposed unless asked.
         port: TCP port; 0 picks a free one (logged at start).
+        token_env: the environment variable holding the bearer token. When it is set (non-empty) every path but
+            ``/healthz`` and ``/readyz`` requires it; a ``host`` other than loopback refuses to start without it.
     """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9108
+    token_env: str = "INSPECTION_OPS_TOKEN"
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host or any(c.isspace() for c in self.host):
             raise ConfigError(f"metrics.host must be an address such as 127.0.0.1; got {self.host!r}")
         _number(self.port, "metrics.port", low=0, high=65535, integer=True)
+        if not isinstance(self.token_env, str) or not self.token_env.isidentifier():
+            raise ConfigError(f"metrics.token_env must name an environment variable; got {self.token_env!r}")
+
+
+@dataclass(frozen=True)
+class OperatorPageSection:
+    """The live operator page on the metrics endpoint (``docs/operations.md``).
+
+    Attributes:
+        enabled: serve the page at ``/``, its JSON API, and ``reports.dir`` under ``/reports/`` (needs
+            ``metrics.enabled``).
+        window: recent decisions kept in memory for the page.
+        refresh_s: seconds between two polls of the page for new decisions.
+    """
+
+    enabled: bool = True
+    window: int = 500
+    refresh_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"operator_page.enabled must be true or false; got {self.enabled!r}")
+        _number(self.window, "operator_page.window", low=1, high=100_000, integer=True)
+        _number(self.refresh_s, "operator_page.refresh_s", low=0.2, high=60)
 
 
 @dataclass(frozen=True)
@@ -468,6 +495,7 @@ class ServiceConfig:
 
     Attributes:
         reports: explanation reports of (defect) decisions and the decisions' links to them.
+        operator_page: the live page of recent decisions on the metrics endpoint.
         shutdown_timeout_s: on SIGTERM, how long in-flight units may take to be scored and acknowledged.
         run_dir: where the resolved config is written at start; ``None`` writes nothing.
         log_format: ``text`` or ``json`` (one object per line).
@@ -480,6 +508,7 @@ class ServiceConfig:
     limits: LimitsSection = field(default_factory=LimitsSection)
     archive: ArchiveSection = field(default_factory=ArchiveSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    operator_page: OperatorPageSection = field(default_factory=OperatorPageSection)
     drift: DriftSection = field(default_factory=DriftSection)
     kafka: KafkaSection = field(default_factory=KafkaSection)
     security: SecuritySection = field(default_factory=SecuritySection)

@@ -17,6 +17,13 @@ only, no validation units, a pattern that matches nothing) raises :class:`~inspe
 Split: by unit and by time. Units are ordered by event time (a unit's earliest reading; an image's file
 modification time), ties by unit id or file name, and the latest ``val_fraction`` of them validate; nothing is
 shuffled across time. No test split is carved: a plant evaluates a model on later history (``inspection rescore``).
+
+Normal-only mode (``DataSpec.mode == "normal-only"``, for :mod:`inspection.normal_only`): only units labelled good
+are kept; each unit labelled defective is a counted skip (``labelled_defective``). When the data carries no label
+at all (no labels file, no label in the history), every unit is taken as normal: its label source is
+``assumed_normal``. The kept units are split by time as above, so the latest of them are the held-out normal units
+that standardise the deviations and set the false-alarm threshold. Data with no good unit raises
+:class:`~inspection.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from inspection.records import MODALITIES, Label, Unit, VisionReading, check_id,
 log = logging.getLogger(__name__)
 
 KINDS = ("history", "folder")
+#: What the data trains: a supervised model (labels of both kinds) or a normal-only detector (good units only).
+MODES = ("supervised", "normal-only")
 DEFAULT_VAL_FRACTION = 0.2
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LABEL_COLUMNS = ("unit_id", "label", "class", "culprits")
@@ -71,6 +80,7 @@ class DataSpec:
         val_fraction: share of the units, the latest by event time, that validate.
         allow_mixed_rates: accept vibration readings at several sample rates (each at least
             :data:`MIN_MIXED_RATE_HZ`).
+        mode: ``supervised`` (both classes needed) or ``normal-only`` (good units only; see the module docstring).
     """
 
     kind: str
@@ -79,11 +89,14 @@ class DataSpec:
     line: str | None = None
     val_fraction: float = DEFAULT_VAL_FRACTION
     allow_mixed_rates: bool = False
+    mode: str = "supervised"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
         if self.kind not in KINDS:
             raise ConfigError(f"data kind must be one of {KINDS}; got {self.kind!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"data mode must be one of {MODES}; got {self.mode!r}")
         if not self.paths or (self.kind == "folder" and len(self.paths) != 1):
             raise ConfigError(f"{self.kind} data needs {'one folder' if self.kind == 'folder' else 'files'}; "
                               f"got {list(self.paths)}")
@@ -98,11 +111,12 @@ class DataSpec:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "paths": list(self.paths), "labels": self.labels, "line": self.line,
-                "val_fraction": float(self.val_fraction), "allow_mixed_rates": self.allow_mixed_rates}
+                "val_fraction": float(self.val_fraction), "allow_mixed_rates": self.allow_mixed_rates,
+                "mode": self.mode}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> DataSpec:
-        known = {"kind", "paths", "labels", "line", "val_fraction", "allow_mixed_rates"}
+        known = {"kind", "paths", "labels", "line", "val_fraction", "allow_mixed_rates", "mode"}
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -119,9 +133,11 @@ def is_image_folder(path: Path) -> bool:
 
 
 def resolve_data(path_or_glob: str | Path, *, labels: str | Path | None = None, line: str | None = None,
-                 val_fraction: float = DEFAULT_VAL_FRACTION, allow_mixed_rates: bool = False) -> DataSpec:
+                 val_fraction: float = DEFAULT_VAL_FRACTION, allow_mixed_rates: bool = False,
+                 mode: str = "supervised") -> DataSpec:
     """The spec of ``path_or_glob``: an image folder (``ok/``, ``defect/``), a history file, a folder of history
-    files (its ``*.parquet``, recursively, hidden ones aside) or a glob of history files.
+    files (its ``*.parquet``, recursively, hidden ones aside) or a glob of history files; ``mode`` as in
+    :class:`DataSpec`.
 
     Raises:
         ConfigError: nothing matches (the message names the pattern), or the labels file does not exist.
@@ -145,7 +161,7 @@ def resolve_data(path_or_glob: str | Path, *, labels: str | Path | None = None, 
         if not Path(labels).is_file():
             raise ConfigError(f"labels file {labels} does not exist")
         labels = str(Path(labels).resolve())
-    return DataSpec(kind, tuple(str(q) for q in paths), labels, line, val_fraction, allow_mixed_rates)
+    return DataSpec(kind, tuple(str(q) for q in paths), labels, line, val_fraction, allow_mixed_rates, mode)
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -311,7 +327,8 @@ class OwnData:
         train, val: the oldest ``1 - val_fraction`` and the latest ``val_fraction`` of them.
         class_names: the class head's classes, ``ok`` first.
         skips: counted skips with their reasons.
-        label_sources: where the labels came from (``labels_file`` / ``history`` / ``folder``) -> units.
+        label_sources: where the labels came from (``labels_file`` / ``history`` / ``folder``, and
+            ``assumed_normal`` for normal-only data without any label) -> units.
         other_lines: history units left out by the line filter, per line.
         rates: modality -> sample rate (Hz) -> units.
     """
@@ -329,6 +346,11 @@ class OwnData:
     @property
     def lines(self) -> list[str]:
         return sorted({u.line_id for u in self.units})
+
+    @property
+    def assumed_normal(self) -> bool:
+        """Whether the units are taken as normal because the data holds no label at all (normal-only mode)."""
+        return self.label_sources.get("assumed_normal", 0) > 0
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -377,7 +399,8 @@ def load_own_data(spec: DataSpec) -> OwnData:
     Raises:
         ConfigError: bad labels, labels-file ids not in the history, mixed sample rates or channel counts, a
             line with no units, fewer than two classes, or a split without training or validation units (or
-            without both good and defective validation units).
+            without both good and defective validation units); in normal-only mode: no unit labelled good, or
+            a split without training or validation units.
         DataError: a history file is missing or not a history file.
     """
     skips = Skips()
@@ -391,6 +414,9 @@ def load_own_data(spec: DataSpec) -> OwnData:
                           + _skip_note(skips) + (f"; lines there: {sorted(other_lines)}" if other_lines else ""))
     keyed.sort(key=lambda ku: ku[0])
     units = [u for _, u in keyed]
+    if spec.mode == "normal-only":
+        return _normal_data(spec, units, skips, sources, other_lines, where)
+    sources = Counter(sources[u.unit_id] for u in units)
     rates = _check_readings(units, spec, where)
     classes = Counter(u.label.defect_class for u in units)
     n_defect = sum(u.label.defect for u in units)
@@ -412,6 +438,31 @@ def load_own_data(spec: DataSpec) -> OwnData:
                           "calibration needs both good and defective units there: give a larger --val-fraction or "
                           "more history")
     return OwnData(spec, units, train, val, class_names, skips, dict(sources), dict(other_lines), rates)
+
+
+def _normal_data(spec: DataSpec, units: list[Unit], skips: Skips, sources: Mapping[str, str],
+                 other_lines: Counter, where: str) -> OwnData:
+    """Normal-only data: the units labelled good (defective ones become counted skips), split by time."""
+    normal = []
+    for u in units:
+        if u.label.defect:
+            skips.add("labelled_defective", f"unit {u.unit_id!r}: labelled defective ({u.label.defect_class}); "
+                                            "normal-only training fits good units only")
+        else:
+            normal.append(u)
+    if not normal:
+        raise ConfigError(f"{where}: no unit is labelled good: all {len(units)} labelled units are defective; "
+                          "normal-only training fits defect-free units: label the good ones (label 0 in a labels "
+                          "file), or give data without any label, where every unit is taken as normal"
+                          + _skip_note(skips))
+    rates = _check_readings(normal, spec, where)
+    n_val = int(round(len(normal) * spec.val_fraction))
+    if n_val == 0 or n_val == len(normal):
+        raise ConfigError(f"{where}: {len(normal)} good units with validation fraction {spec.val_fraction:g} leave "
+                          f"{'no held-out' if n_val == 0 else 'no fitting'} units; give more good units or another "
+                          "--val-fraction" + _skip_note(skips))
+    return OwnData(spec, normal, normal[:-n_val], normal[-n_val:], ("ok",), skips,
+                   dict(Counter(sources[u.unit_id] for u in normal)), dict(other_lines), rates)
 
 
 def _skip_note(skips: Skips) -> str:
@@ -456,8 +507,9 @@ def _counts(counter: Counter, what: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- history
-def _history_units(spec: DataSpec, skips: Skips) -> tuple[list, Counter, Counter]:
-    """((earliest event time, unit id), labelled unit) of the history files, line filter applied."""
+def _history_units(spec: DataSpec, skips: Skips) -> tuple[list, Counter, dict[str, str]]:
+    """((earliest event time, unit id), labelled unit) of the history files, line filter applied; units left
+    out by the line filter, per line; unit id -> where its label came from."""
     from inspection.data.history import iter_history_rows
 
     file_labels = read_labels(spec.labels) if spec.labels else {}
@@ -486,8 +538,10 @@ def _history_units(spec: DataSpec, skips: Skips) -> tuple[list, Counter, Counter
     if unknown:
         raise ConfigError(f"labels file {spec.labels} names {len(unknown)} unit id(s) that are not in the history: "
                           f"{_some(unknown)}; check the ids (or the history files given)")
-    sources: Counter = Counter()
+    sources: dict[str, str] = {}
     keyed = []
+    # normal-only data without any label: every unit is taken as normal
+    assume_normal = spec.mode == "normal-only" and not file_labels and all(u.label is None for u in units)
     for unit in units:
         if unit.unit_id in file_labels:
             label, source = _file_label(file_labels[unit.unit_id], unit), "labels_file"
@@ -495,6 +549,8 @@ def _history_units(spec: DataSpec, skips: Skips) -> tuple[list, Counter, Counter
             label, source = unit.label, "history"
             if label.defect and label.defect_class == "ok":
                 label = replace(label, defect_class="defect")
+        elif assume_normal:
+            label, source = Label(defect=False), "assumed_normal"
         else:
             skips.add("unlabelled", f"unit {unit.unit_id!r}: no label in the history" +
                       (" nor in the labels file" if spec.labels else ""))
@@ -503,7 +559,7 @@ def _history_units(spec: DataSpec, skips: Skips) -> tuple[list, Counter, Counter
             skips.add("culprit_absent", f"unit {unit.unit_id!r}: labelled defective in {sorted(label.culprits)}, "
                                         f"but it has only {list(unit.present)}")
             continue
-        sources[source] += 1
+        sources[unit.unit_id] = source
         keyed.append(((_earliest(unit), unit.unit_id), replace(unit, label=label)))
     return keyed, other_lines, sources
 
@@ -526,7 +582,7 @@ def folder_unit_id(rel: Path) -> str:
     return text
 
 
-def _folder_units(root: Path, line: str | None, skips: Skips) -> tuple[list, Counter, Counter]:
+def _folder_units(root: Path, line: str | None, skips: Skips) -> tuple[list, Counter, dict[str, str]]:
     """((modification time, relative name), labelled unit) of an image folder."""
     if not is_image_folder(root):
         raise ConfigError(f"{root} is not an image folder: expected ok/ and defect/ subfolders")
@@ -580,7 +636,7 @@ def _folder_units(root: Path, line: str | None, skips: Skips) -> tuple[list, Cou
         label = Label(defect=defect, defect_class=klass, culprits=frozenset({"vision"}) if defect else frozenset())
         unit = Unit(uid, line, vision=reading, label=label, provenance={"vision": f"file:{rel.as_posix()}"})
         keyed.append(((stat.st_mtime_ns, rel.as_posix()), unit))
-    return keyed, Counter(), Counter({"folder": len(keyed)})
+    return keyed, Counter(), {unit.unit_id: "folder" for _, unit in keyed}
 
 
 # ---------------------------------------------------------------------------------------- calibration

@@ -267,3 +267,57 @@ def test_config_is_strict() -> None:
         NormalOnlyConfig({"sound": EncoderSpec("series")})
     with pytest.raises(ConfigError, match="unknown key"):
         NormalOnlyConfig.from_dict({"encoders": {}, "bands": 3})
+
+
+# ------------------------------------------------------------------------------------- serving helpers
+def test_coalition_scores_are_the_max_deviation_with_a_zero_baseline() -> None:
+    from inspection.normal_only import BASELINE_DEVIATION, coalition_scores
+
+    got = coalition_scores({"temperature": -0.5, "vision": 1.5, "vibration": 3.0})
+    s = frozenset
+    assert BASELINE_DEVIATION == 0.0
+    assert got == {s(): 0.0, s({"vision"}): 1.5, s({"vibration"}): 3.0, s({"temperature"}): -0.5,
+                   s({"vision", "vibration"}): 3.0, s({"vision", "temperature"}): 1.5,
+                   s({"vibration", "temperature"}): 3.0, s({"vision", "vibration", "temperature"}): 3.0}
+    assert coalition_scores({"vibration": -2.0}) == {s(): 0.0, s({"vibration"}): -2.0}
+    with pytest.raises(DataError, match="finite deviation"):
+        coalition_scores({})
+    with pytest.raises(DataError, match="finite deviation"):
+        coalition_scores({"vision": float("nan")})
+
+
+def test_deviation_probability_is_the_standard_normal_cdf() -> None:
+    from inspection.normal_only import deviation_probability
+
+    z = np.array([-40.0, -3.0, -0.5, 0.0, 1.0, 2.326, 8.0, 40.0])
+    got = np.array([deviation_probability(v) for v in z])
+    np.testing.assert_allclose(got, stats.norm.cdf(z), rtol=1e-12, atol=1e-300)
+    assert deviation_probability(0.0) == 0.5
+
+
+def test_extract_leaves_out_readings_it_cannot_read() -> None:
+    """A vibration reading with another channel count is listed with its reason; the other units' features are
+    those :meth:`features` gives, and a unit without vibration is simply absent."""
+    from datetime import UTC, datetime
+
+    from inspection.records import TemperatureReading, Unit, VibrationReading
+
+    env = dict(line_id="line-1", source="plant/line-1/sensor", event_time=datetime(2026, 2, 1, tzinfo=UTC))
+
+    def unit(i: int, channels: int = 1) -> Unit:
+        values = np.random.default_rng(i).standard_normal((channels, 2000))
+        return Unit(f"u{i}", "line-1", vibration=VibrationReading(
+            values=values, sample_rate_hz=48_828.0, unit="g", unit_id=f"u{i}", reading_id=f"u{i}-v", **env))
+
+    config = NormalOnlyConfig({"vibration": EncoderSpec(
+        "waveform", {"preprocess": {"n_bins": 64, "env_bins": 32, "wave_len": 512}})},
+        spectrum_bands=16, envelope_bands=16)
+    det = NormalOnlyDetector(config).fit([unit(i) for i in range(12)])
+    no_vibration = Unit("u22", "line-1", temperature=TemperatureReading(
+        values=np.full((2, 30), 20.0), sample_rate_hz=1.0, unit="degC", unit_id="u22", reading_id="u22-t", **env))
+    units = [unit(20), unit(21, channels=2), no_vibration, unit(23)]
+    feats, failures = det.extract(units)
+    assert [(b, m) for b, m, _ in failures] == [(1, "vibration")] and "1 channel" in failures[0][2]
+    rows, x = feats["vibration"]
+    assert rows.tolist() == [0, 3] and x.shape == (2, 32)
+    np.testing.assert_array_equal(x, det.features([units[0], units[3]])["vibration"][1])

@@ -272,6 +272,61 @@ def test_an_empty_glob_is_an_error_naming_it(tmp_path):
         resolve_data(pattern)
 
 
+# ------------------------------------------------------------------------------------------ normal-only
+def test_normal_only_data_keeps_the_good_units_and_splits_them_by_time(tmp_path):
+    """Every third unit is defective: those are counted skips; the 20 good ones, in time order, split 15 / 5."""
+    rng = np.random.default_rng(3)
+    units = [make_unit(i, minutes=float(m)) for i, m in enumerate(rng.permutation(30) * 5.0)]
+    path = history(tmp_path / "h.parquet", units)
+    data = load_own_data(resolve_data(path, val_fraction=0.25, mode="normal-only"))
+    good = sorted((u for u in units if not u.label.defect), key=lambda u: min(r.event_time for r in u.readings))
+    assert [u.unit_id for u in data.units] == [u.unit_id for u in good] and len(good) == 20
+    assert [u.unit_id for u in data.train] == [u.unit_id for u in good[:15]]
+    assert [u.unit_id for u in data.val] == [u.unit_id for u in good[15:]]
+    assert data.skips.counts == {"labelled_defective": 10} and data.class_names == ("ok",)
+    assert data.label_sources == {"history": 20} and not data.assumed_normal
+    card = data.source_card()
+    assert card["mode"] == "normal-only" and card["n_units"] == 20
+    assert data.split_card()["val_ids"] == [u.unit_id for u in good[15:]]
+
+
+def test_normal_only_data_without_any_label_takes_every_unit_as_normal(tmp_path):
+    units = unlabelled([make_unit(i) for i in range(20)])
+    path = history(tmp_path / "h.parquet", units)
+    data = load_own_data(resolve_data(path, mode="normal-only"))
+    assert len(data.units) == 20 and data.assumed_normal and data.label_sources == {"assumed_normal": 20}
+    assert all(u.label is not None and not u.label.defect for u in data.units) and not data.skips.counts
+    # a labels file is a label: then only the units it (or the history) labels good are kept
+    labels = tmp_path / "labels.csv"
+    labels.write_text("unit_id,label\n" + "".join(f"u{i:04d},{int(i < 3)}\n" for i in range(12)), encoding="utf-8")
+    labelled = load_own_data(resolve_data(path, labels=labels, mode="normal-only"))
+    assert not labelled.assumed_normal and labelled.label_sources == {"labels_file": 9}
+    assert labelled.skips.counts == {"labelled_defective": 3, "unlabelled": 8}
+    # the supervised reading of the same files never assumes a label
+    with pytest.raises(ConfigError, match="no usable unit"):
+        load_own_data(resolve_data(path))
+
+
+def test_normal_only_data_without_a_good_unit_or_held_out_units_is_an_error(tmp_path):
+    bad = history(tmp_path / "bad.parquet", [make_unit(i, defect=True) for i in range(8)])
+    with pytest.raises(ConfigError, match=r"no unit is labelled good: all 8 labelled units are defective.*"
+                                          r"labelled_defective"):
+        load_own_data(resolve_data(bad, mode="normal-only"))
+    few = history(tmp_path / "few.parquet", [make_unit(i, defect=False) for i in range(3)])
+    with pytest.raises(ConfigError, match="leave no held-out units"):
+        load_own_data(resolve_data(few, val_fraction=0.1, mode="normal-only"))
+    with pytest.raises(ConfigError, match="data mode must be one of"):
+        resolve_data(bad, mode="anomaly")
+
+
+def test_normal_only_validation_units_rebuild_from_the_card(tmp_path):
+    path = history(tmp_path / "h.parquet", [make_unit(i) for i in range(30)])
+    data = load_own_data(resolve_data(path, mode="normal-only"))
+    again = rebuild_validation(data.source_card(), data.split_card())
+    assert [u.unit_id for u in again] == [u.unit_id for u in data.val]
+    assert all(not u.label.defect for u in again)
+
+
 # ---------------------------------------------------------------------------------------------- folder
 def _png(seed: int) -> bytes:
     return cv2.imencode(".png", np.random.default_rng(seed).integers(0, 255, (24, 24), dtype=np.uint8))[1].tobytes()
@@ -388,14 +443,18 @@ def test_rebuilding_the_validation_units_checks_the_data(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def test_cli_needs_exactly_one_source_and_supervised_mode(tmp_path, capsys):
+def test_cli_needs_exactly_one_source_and_flags_of_its_mode(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--epochs", "1"])
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["train", "--bench", "elpv", "--data", str(tmp_path)])
-    assert main(["train", "--data", str(tmp_path / "h.parquet"), "--mode", "normal-only"]) == 2
-    assert "not yet available" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "h.parquet"), "--target-far", "0.05"]) == 2
+    assert "--target-far applies to --mode normal-only" in capsys.readouterr().err
+    assert main(["train", "--bench", "elpv", "--mode", "normal-only", "--line", "line-1"]) == 2
+    assert "apply to --data" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "h.parquet"), "--mode", "normal-only", "--seeds", "1", "2"]) == 2
+    assert "apply to supervised training" in capsys.readouterr().err
     assert main(["train", "--bench", "elpv", "--line", "line-1"]) == 2
     assert "apply to --data" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "none-*.parquet")]) == 2
@@ -436,3 +495,98 @@ def test_train_calibrate_and_serve_a_line_model_from_history(tmp_path, capsys):
     assert len(card["split"]["val_ids"]) == 12
     serving = load_serving_model(family, None, torch.device("cpu"))
     assert serving.version == promoted.version and serving.model.calibrated
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_train_calibrate_and_serve_a_normal_only_line_model(tmp_path, capsys):
+    """Composite units exported as history plus a labels file -> ``train --mode normal-only`` on the good units
+    (the latest of them held out) -> ``calibrate --target-far`` by name -> served by ``score_units``; the same
+    history without labels takes every unit as normal; labels with no good unit are an error."""
+    import csv
+
+    import torch
+
+    from inspection.data.history import read_history
+    from inspection.normal_only import MODE, NormalOnlyDetector
+    from inspection.records import InputCoordinate
+    from inspection.store import ModelStore
+    from services.join import JoinedUnit
+    from services.scoring import load_serving_model, score_units
+
+    hist, labels, store = tmp_path / "hist.parquet", tmp_path / "labels.csv", tmp_path / "models"
+    assert main(["data", "export", "--out", str(hist), "--labels-out", str(labels), "--limit", "120"]) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader(labels.open(encoding="utf-8")))
+    n_good = sum(r["label"] == "0" for r in rows)
+    n_held_out = round(n_good * 0.2)
+    base = ["train", "--data", str(hist), "--line", "line-1", "--allow-mixed-rates", "--mode", "normal-only",
+            "--image-size", "32", "--device", "cpu", "--store", str(store)]
+    assert main([*base, "--labels", str(labels)]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["mode"] == MODE and trained["model"] == "line-line-1" and not trained["assumed_normal"]
+    assert trained["units"] == {"fit": n_good - n_held_out, "calibration": n_held_out}
+    assert trained["skipped"]["counts"] == {"labelled_defective": len(rows) - n_good}
+    assert trained["label_sources"] == {"labels_file": n_good} and trained["target_far"] == 0.01
+
+    family = ModelStore(store / "line-line-1")
+    card = family.promoted().card
+    assert card["version"] == trained["version"] and card["mode"] == MODE and "Mahalanobis" in card["method"]
+    assert card["target_far"] == 0.01 and card["units_used"] == trained["units"]
+    assert set(card["features"]["encoders"]) == set(card["modalities"]) == {"vision", "vibration", "temperature"}
+    assert card["source"]["mode"] == MODE and card["defect_class"] == "anomaly"
+    held_out = rebuild_validation(card["source"], card["split"])
+    assert len(held_out) == n_held_out and all(not u.label.defect for u in held_out)
+
+    assert main(["calibrate", "--name", "line-line-1", "--target-far", "0.25", "--store", str(store)]) == 0
+    calibrated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    promoted = family.promoted()
+    assert promoted.version == calibrated["version"] != trained["version"]
+    assert promoted.card["parent"] == trained["version"] and promoted.card["target_far"] == 0.25
+    det, _ = NormalOnlyDetector.load(family)
+    alarmed = det.score(held_out).score >= det.threshold
+    assert alarmed.mean() <= 0.25 and promoted.card["calibration_far"] == pytest.approx(alarmed.mean())
+    assert det.threshold <= card["threshold"]  # a higher false-alarm rate never raises the threshold
+
+    serving = load_serving_model(family, None, torch.device("cpu"))
+    units = [a.unit for a in read_history(hist)][:10]
+    joined = [JoinedUnit(u, {m: InputCoordinate(f"inspection.{m}", 0, i) for m in u.present}, True, (), "complete",
+                         0.0) for i, u in enumerate(units)]
+    direct = det.score(units)
+    for k, scored in enumerate(score_units(serving, joined).scored):
+        d = scored.decision
+        assert d.model_version == promoted.version and d.threshold == det.threshold
+        assert d.score == pytest.approx(direct.score[k], abs=1e-6)
+        assert d.defect_class == ("anomaly" if d.score >= d.threshold else "ok")
+    # batch re-scoring takes the same version (history with input coordinates, as the archive sink writes it)
+    from inspection.data.history import ArchivedUnit
+
+    archive = tmp_path / "archive.parquet"
+    write_history(archive, [ArchivedUnit(u, {m: InputCoordinate(f"inspection.{m}", 0, i) for m in u.present})
+                            for i, u in enumerate(units)])
+    assert main(["rescore", "--history", str(archive), "--store", str(store / "line-line-1"), "--out",
+                 str(tmp_path / "rescored"), "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    from services.rescore import read_decisions
+
+    rescored = {d.unit_id: d for d in read_decisions(tmp_path / "rescored")}
+    assert sorted(rescored) == sorted(u.unit_id for u in units)
+    for k, u in enumerate(units):
+        assert rescored[u.unit_id].score == pytest.approx(direct.score[k], abs=1e-6)
+        assert rescored[u.unit_id].model_version == promoted.version
+        assert rescored[u.unit_id].attributions["mode"] == MODE
+    assert main(["explain", "--history", str(archive), "--store", str(store / "line-line-1"), "--out",
+                 str(tmp_path / "reports")]) == 2
+    assert "is a normal-only model" in capsys.readouterr().err
+
+    # no label anywhere: every unit is normal, and the card says so
+    assert main([*base, "--name", "unlabelled"]) == 0
+    unlabelled_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert unlabelled_run["assumed_normal"] and unlabelled_run["label_sources"] == {"assumed_normal": len(rows)}
+    assert sum(unlabelled_run["units"].values()) == len(rows)
+    assert ModelStore(store / "unlabelled").promoted().card["assumed_normal"] is True
+
+    everything_defective = tmp_path / "bad.csv"
+    everything_defective.write_text("unit_id,label\n" + "".join(f"{r['unit_id']},1\n" for r in rows), encoding="utf-8")
+    assert main([*base, "--name", "bad", "--labels", str(everything_defective)]) == 2
+    assert "no unit is labelled good" in capsys.readouterr().err
