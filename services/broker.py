@@ -282,6 +282,28 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise when something already listens on ``host:port`` (the broker would panic there, yet exit 0).
+
+    Binds and closes a socket with ``SO_REUSEADDR``, as a listener does, so a port held only by connections in
+    TIME_WAIT (a broker just stopped) counts as free.
+
+    Raises:
+        ConfigError: ``port`` is not in 1-65535.
+        BrokerError: the port is in use; one line naming it.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"port must be an integer in 1-65535; got {port!r}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise BrokerError(f"port {port} is in use on {host} ({(exc.strerror or str(exc)).lower()}); stop what "
+                              "listens there or choose another port (omit --port for a free one)") from None
+
+
 class EmbeddedBroker:
     """A Tansu broker in a child process, bound to one local address; a context manager.
 
@@ -500,6 +522,7 @@ class EmbeddedBroker:
         Raises:
             BrokerError: the binary is missing, the child exited (a port in use, a bad storage URL), or it
                 did not answer within ``ready_timeout_s``; the child is stopped and the log tail included.
+                Callers that want a one-line answer for a busy port call :func:`check_port_free` first.
         """
         if self.running:
             return self
@@ -517,6 +540,8 @@ class EmbeddedBroker:
                 return self
             tail = self._log_tail()
             self.stop()
+            if "AddrInUse" in tail:
+                failure = f"port {self.port} is in use; {failure}"
             if attempt >= attempts:
                 raise BrokerError(
                     f"embedded broker at {self.bootstrap} failed: {failure}\n--- log {self.log_path} ---\n{tail}"

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -97,8 +98,10 @@ def _progress(total: int | None, desc: str):
 
 # ---------------------------------------------------------------------------------------------- broker
 def cmd_broker(args: argparse.Namespace) -> int:
-    from services.broker import EmbeddedBroker, create_topics
+    from services.broker import EmbeddedBroker, check_port_free, create_topics
 
+    if args.port is not None:  # the broker panics on a busy port, yet exits 0: say so in one line instead
+        check_port_free("127.0.0.1", args.port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -118,8 +121,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
     from services.broker import create_topics
+    from services.clients import check_reachable
 
     topics = _topics(args)
+    check_reachable(_bootstrap(args))
     create_topics(_bootstrap(args), topics, args.partitions, client_config=_security(args))
     print(json.dumps({"created": list(topics.all), "input_partitions": args.partitions}))
     return 0
@@ -145,7 +150,7 @@ def _units_from(args: argparse.Namespace) -> tuple[Iterator[Unit], int | None, s
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from services.clients import make_producer
+    from services.clients import check_reachable, make_producer
     from services.publish import FaultPlan, parse_modality_values, publish_units
 
     bootstrap = _bootstrap(args)
@@ -154,6 +159,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
         delay_ms=parse_modality_values(args.delay, "--delay"),
         seed=args.seed,
     )
+    if args.history:
+        from inspection.data.history import count_history
+
+        count_history(args.history)  # a missing or unreadable history file is named before the broker is tried
+    check_reachable(bootstrap)  # before the data sets load: an unreachable broker fails in seconds
     units, total, note = _units_from(args)
     print(f"producing {total if total is not None else 'all'} units: {note}", file=sys.stderr)
     kept: list[Unit] = []
@@ -213,11 +223,14 @@ def _describe(record, topics) -> dict:
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    from services.clients import make_consumer, wait_for_assignment
+    from services.clients import check_reachable, make_consumer, wait_for_assignment
     from services.readback import drain
 
+    if args.max is not None and args.max < 1:
+        raise ConfigError(f"--max must be >= 1; got {args.max}")
     topics = _topics(args)
     group = args.group or f"inspection-consume-{uuid.uuid4().hex[:8]}"
+    check_reachable(_bootstrap(args))
     consumer = make_consumer([args.topic], _bootstrap(args), group,
                              auto_offset_reset="earliest" if args.from_beginning else "latest", **_security(args))
     n = 0
@@ -226,6 +239,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
         for record in drain(consumer, max_messages=args.max, idle_timeout_s=args.idle_timeout):
             print(json.dumps(_describe(record, topics), default=str), flush=True)
             n += 1
+            if n == args.max:  # one poll may return more records than are left to print
+                break
     finally:
         consumer.close(autocommit=False)
     print(f"{n} records from {args.topic}", file=sys.stderr)
@@ -304,6 +319,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from services.serve import StreamService
     from services.service_config import ServiceConfig
 
+    if args.units < 1:
+        raise ConfigError(f"--units must be >= 1; got {args.units}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -470,12 +487,19 @@ def _decision_summary(units: list[Unit], decisions: dict[str, Decision], records
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses as dc
 
+    from services.clients import check_reachable
     from services.serve import StreamService, configure_logging
     from services.service_config import load_service_config
 
     config = load_service_config(args.config)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1; got {args.workers}")
+    if config.metrics.enabled:  # a configuration error is reported before the network is tried
+        from services.operator_page import resolve_token
+
+        resolve_token(config.metrics.host, config.metrics.token_env)
+    if args.bootstrap or config.kafka.bootstrap:  # an unreachable broker fails in seconds, before any worker starts
+        check_reachable(args.bootstrap or config.kafka.bootstrap)
     if args.workers > 1:
         from services.workers import run_workers
 
@@ -754,7 +778,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              detector=args.detector, target_far=args.target_far)
     else:
         from inspection.experiments import evaluate_bench
+        from inspection.store import ModelStore
 
+        ModelStore(Path(args.store) / args.bench).versions()  # a missing store is named before anything is written
         path = evaluate_bench(args.bench, args.store, args.seeds or [0], device=args.device, tta=args.tta,
                               results_dir=args.results, plots_dir=args.plots, note=args.note)
     print(json.dumps(json.loads(Path(path).read_text())["summary"], indent=1))
@@ -1360,7 +1386,47 @@ def build_parser() -> argparse.ArgumentParser:
     aa.add_argument("--line", help="the line (list: only this line)")
     aa.add_argument("--base", help="the base version (default: the promoted one; list: every base version)")
     aa.set_defaults(func=cmd_adapters)
+    _add_examples(p)
     return p
+
+
+#: The example each subcommand's --help ends with, where its parser does not give one itself.
+_EXAMPLES: dict[str, str] = {
+    "broker": "inspection broker --port 9092 --partitions 3",
+    "topics": "inspection topics create --bootstrap 127.0.0.1:9092 --partitions 3",
+    "topics create": "inspection topics create --bootstrap 127.0.0.1:9092 --partitions 3",
+    "produce": "inspection produce --bootstrap 127.0.0.1:9092 --limit 100 --archive sent.parquet",
+    "consume": "inspection consume --bootstrap 127.0.0.1:9092 --topic inspection.decisions --max 10",
+    "data": "inspection data info",
+    "data info": "inspection data info",
+    "data fetch": "inspection data fetch",
+    "data export": "inspection data export --out units.parquet --limit 300",
+    "serve": "inspection serve --bootstrap 127.0.0.1:9092 --config service.yaml",
+    "demo": "inspection demo --units 50 --out runs/demo",
+    "train": "inspection train --bench composite --epochs 20 --device auto",
+    "calibrate": "inspection calibrate --bench composite",
+    "evaluate": "inspection evaluate --bench elpv --tta",
+    "explain": "inspection explain --history history.parquet --store models/composite --out reports/",
+    "report": "inspection report --from reports/ --out reports/",
+    "models": "inspection models list --store models/elpv",
+    "adapters": "inspection adapters list --store models/line-line-a",
+}
+
+
+def _add_examples(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Give every subcommand's ``--help`` an example epilog from :data:`_EXAMPLES` (kept as written; its
+    description re-wrapped at 100 columns), recursively."""
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps subparsers only here
+        if not isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            continue
+        for name, sub in action.choices.items():
+            command = f"{path} {name}".strip()
+            if sub.epilog is None and command in _EXAMPLES:
+                sub.epilog = f"example: {_EXAMPLES[command]}"
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            if sub.description:
+                sub.description = textwrap.fill(" ".join(sub.description.split()), 100)
+            _add_examples(sub, command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -300,6 +301,49 @@ def admin_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         "bootstrap_timeout_ms": 15_000,
     }
     return _merge("admin", KafkaAdminClient.DEFAULT_CONFIG, defaults, overrides)
+
+
+#: Seconds :func:`check_reachable` waits for all bootstrap addresses together.
+REACHABLE_TIMEOUT_S = 5.0
+
+
+def check_reachable(bootstrap: str, timeout_s: float = REACHABLE_TIMEOUT_S) -> None:
+    """Fail fast when no bootstrap address accepts a TCP connection, before a Kafka client retries for long.
+
+    A Kafka client given an address where nothing listens retries for tens of seconds and logs each attempt;
+    this check opens (and closes) one plain TCP connection per address instead, and returns at the first that
+    accepts. It proves only that something listens, not that it speaks Kafka.
+
+    Args:
+        bootstrap: ``host:port[,host:port...]``.
+        timeout_s: seconds for all addresses together (each gets what is left, at most half of it).
+
+    Raises:
+        ConfigError: ``bootstrap`` is malformed or ``timeout_s`` not positive.
+        BrokerError: no address accepted a connection; one line naming each address, why, and what to check.
+    """
+    validate_bootstrap(bootstrap)
+    if not timeout_s > 0:
+        raise ConfigError(f"timeout_s must be > 0 seconds; got {timeout_s!r}")
+    deadline = time.monotonic() + timeout_s
+    failures = []
+    for item in (part.strip() for part in bootstrap.split(",")):
+        host, port = item.rsplit(":", 1)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            failures.append(f"{item}: not tried within {timeout_s:g} s")
+            continue
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(left, timeout_s / 2)):
+                return
+        except socket.gaierror as exc:
+            failures.append(f"{item}: unknown host ({exc.strerror or exc})")
+        except TimeoutError:
+            failures.append(f"{item}: no answer within {min(left, timeout_s / 2):g} s")
+        except OSError as exc:
+            failures.append(f"{item}: {(exc.strerror or str(exc)).lower()}")
+    raise BrokerError(f"no Kafka broker reachable at {bootstrap} ({'; '.join(failures)}); check that the broker "
+                      "is running and that --bootstrap (or $INSPECTION_BOOTSTRAP) names its host:port")
 
 
 # ------------------------------------------------------------------------------------------ constructors
