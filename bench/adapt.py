@@ -33,6 +33,14 @@ units/s of batches mixing those lines over the units/s of batches of one adapted
 timed batches of ``--throughput-batch`` units); ``mixed_line_forward_ratio`` is the same for the scoring forward
 alone (encode and every coalition's fuse), and ``adapted_vs_base_forward_ratio`` compares one adapted line with
 the base model.
+
+One process runs everything in turn. To spread the runs over processes that share a device, train the base once
+and run a part per (seed, n), then merge (the merge measures the serving throughput alone on the device):
+
+    python bench/adapt.py --base-store /tmp/adapt-base --base-only
+    python bench/adapt.py --base-store /tmp/adapt-base --seeds 0 --n 50 --no-throughput --out /tmp/parts/s0-n50.json
+    ...
+    python bench/adapt.py --base-store /tmp/adapt-base --merge /tmp/parts/*.json
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import json
 import shutil
 import sys
 import tempfile
@@ -263,13 +272,13 @@ def throughput(store_root: Path, base_version: str, test_units: list[Unit], line
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="CPU smoke run: n 12 16 20 24, 1 seed, 1 epoch, 64 px, few cells, one learning rate per method")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--n", type=int, nargs="+", default=[50, 100, 250, 500], help="labelled poly training cells")
+    p.add_argument("--n", type=int, nargs="+", help="labelled poly training cells (default 50 100 250 500)")
     p.add_argument("--epochs", type=int, default=30, help="epochs of every run (the best validation epoch is kept)")
     p.add_argument("--min-steps", type=int, default=300, help="raise the epochs of small n to this many steps")
     p.add_argument("--base-epochs", type=int, default=20)
@@ -290,17 +299,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--throughput-batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--base-store", type=Path,
+                   help="model store of the base: loaded when it holds one (checked against this run's split and "
+                        "image size), else trained and saved there, so that several processes share one base")
+    p.add_argument("--base-only", action="store_true", help="train the base into --base-store and stop")
+    p.add_argument("--no-throughput", action="store_true",
+                   help="skip the serving measurement (a part of a run split over processes)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="PART",
+                   help="merge the result files of parts run with --base-store and --no-throughput into one "
+                        "result, measuring the serving throughput from the adapters they saved in --base-store")
     p.add_argument("--out", help="result file (default bench/results/adapt.json; --quick: runs/results/adapt.json)")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.n, args.epochs, args.min_steps, args.base_epochs = [args.seeds[0]], [12, 16, 20, 24], 1, 0, 1
+        args.seeds, args.epochs, args.min_steps, args.base_epochs = [args.seeds[0]], 1, 0, 1
+        args.n = args.n or [12, 16, 20, 24]
         args.image_size, args.limit_mono, args.limit_test = 64, 64, 32
         args.lrs_head, args.lrs_lora, args.lrs_full, args.lrs_scratch = [3e-3], [3e-3], [3e-4], [3e-3]
         args.throughput_batch, args.repeats = 16, 5
-    out = Path(args.out or (ROOT / ("runs/results/adapt.json" if args.quick else "bench/results/adapt.json")))
-    device = torch.device(args.device)
-    t_start = time.perf_counter()
+    args.n = args.n or [50, 100, 250, 500]
+    if (args.base_only or args.merge) and args.base_store is None:
+        p.error("--base-only and --merge need --base-store")
+    return args
 
+
+def elpv_cells(args) -> tuple[list, list, list, list]:
+    """(mono train, mono validation, poly training pool, poly test) of the run's split."""
     from inspection.data.elpv import load_elpv
 
     train_items, test_items = load_elpv().split(args.split_seed)
@@ -312,39 +335,64 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit_test:
         poly_test = draw(poly_test, min(args.limit_test, len(poly_test)), args.split_seed + 1)
     mono_train, mono_val = carve(mono, 0.15, args.split_seed + 1000)
-    log(f"split {args.split_seed}: base on {len(mono_train)} mono cells (+{len(mono_val)} validation); "
-        f"{len(poly_train)} poly training cells to draw from; {len(poly_test)} poly test cells")
+    return mono_train, mono_val, poly_train, poly_test
 
-    tmp = Path(tempfile.mkdtemp(prefix="adapt-bench-"))
+
+def base_identity(args) -> dict:
+    return {"split_seed": args.split_seed, "image_size": args.image_size, "base_epochs": args.base_epochs,
+            "batch_size": args.batch_size, "limit_mono": args.limit_mono}
+
+
+def get_base(args, store_root: Path, mono_train: list, mono_val: list, device: torch.device):
+    """The base model (calibrated on its mono validation cells, on the CPU), its version in the store at
+    ``store_root`` and its details; trained and saved there unless the store already holds it."""
+    from inspection.experiments import load_model
+    from inspection.store import ModelStore
+
+    if store_root.exists():
+        store = ModelStore(store_root)
+        entry = store.promoted()
+        if entry is not None:
+            base, card = load_model(store, entry.version)
+            info = card.get("adapt_base") or {}
+            if info.get("identity") != base_identity(args):
+                raise SystemExit(f"the base in {store_root} was trained for {info.get('identity')}, not for "
+                                 f"{base_identity(args)}: use another --base-store")
+            log(f"base: {entry.version} from {store_root}")
+            return base.cpu(), entry.version, info["details"]
+    t0 = time.perf_counter()
     base_cfg = TrainConfig(epochs=args.base_epochs, batch_size=args.batch_size, seed=args.split_seed,
                            device=args.device)
     model_config = default_model_config("elpv", image_size=args.image_size)
-    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="adapt-base-"))
     base_res = train_supervised(model_config, units_of(mono_train, "train"), units_of(mono_val, "val"), base_cfg,
-                                tmp / "base", progress=False)
+                                tmp, progress=False)
+    shutil.rmtree(tmp, ignore_errors=True)
     base = base_res.model.eval()
     mono_val_set = PreparedSet(base, units_of(mono_val, "val"), base.config.class_names)
     base_cal = calibrate_line(base.to(device), mono_val_set, "*", device=device)
     with torch.no_grad():
         base.thresholds.fill_(base_cal.threshold)
     base.cpu()
-    base_s = time.perf_counter() - t0
-    n_base = parameter_count(base)
-    log(f"base: {n_base} parameters, mono validation F1 {base_cal.metrics['f1']:.3f} at {base_cal.threshold:.3f} "
-        f"({base_s:.0f} s)")
-    test_units = units_of(poly_test, "test")
-    test_set = PreparedSet(base, test_units, base.config.class_names)
-    base_test = test_metrics(base.to(device), mono_val_set, test_set, device, threshold=base_cal.threshold)
-    base.cpu()
-    log(f"base unadapted on poly test: F1 {base_test['f1']:.3f}, accuracy {base_test['accuracy']:.3f}")
-
+    details = {"parameters": parameter_count(base), "train_s": round(time.perf_counter() - t0, 1),
+               "mono_train": len(mono_train), "mono_val": len(mono_val), "calibration": base_cal.to_dict(),
+               "history": base_res.history}
     from inspection.store import ModelStore
 
-    store = ModelStore(tmp / "store", create=True)
-    base_version = store.save(base.state_dict(), {"model_config": base.config.to_dict(),
-                                                  "threshold_version": base_cal.version}, promote=True).version
+    store = ModelStore(store_root, create=True)
+    card = {"model_config": base.config.to_dict(), "threshold_version": base_cal.version,
+            "adapt_base": {"identity": base_identity(args), "details": details}}
+    version = store.save(base.state_dict(), card, promote=True).version
+    log(f"base: {details['parameters']} parameters, mono validation F1 {base_cal.metrics['f1']:.3f} at "
+        f"{base_cal.threshold:.3f} ({details['train_s']:.0f} s), saved as {version}")
+    return base, version, details
+
+
+def run_cells(args, base, poly_train: list, test_set: PreparedSet, base_test: dict, store, base_version: str,
+              device: torch.device, tmp: Path, on_row) -> list[dict]:
+    """Every (seed, n, method) run of this process; ``on_row(runs)`` after each method."""
+    n_base = parameter_count(base)
     runs: list[dict] = []
-    served_lines: list[str] = []
     for seed in args.seeds:
         for n in args.n:
             cells = draw(poly_train, n, seed)
@@ -371,40 +419,41 @@ def main(argv: list[str] | None = None) -> int:
                 row["methods"][method] = {**metrics, **info}
                 log(f"  {method}: test F1 {metrics['f1']:.3f}, accuracy {metrics['accuracy']:.3f} "
                     f"({info['trainable']} trainable, {info['train_s']:.1f} s)")
-                if method == "lora" and seed == args.seeds[0]:
-                    res = make.results[info["lr"]]
-                    line = f"poly-n{n}"
-                    save_adapter(store, base_version, line, res)
-                    served_lines.append(line)
+                if method == "lora" and seed == min(args.seeds) and store is not None:
+                    save_adapter(store, base_version, f"poly-n{n}", make.results[info["lr"]])
                 del model
+                on_row([*runs, row])
             runs.append(row)
-    through = None
-    if served_lines:
-        log(f"throughput: {len(served_lines[:4])} line adapters served from a real store")
-        through = throughput(tmp / "store", base_version, test_units, served_lines[:4], args)
-        log(f"  mixed / one-line units/s: service {through['mixed_line_batch_ratio']:.3f}, forward "
-            f"{through['mixed_line_forward_ratio']:.3f}; adapted / base forward "
-            f"{through['adapted_vs_base_forward_ratio']:.3f}")
+    return runs
 
-    largest = max(args.n)
 
-    def mean_at(method: str, key: str = "f1", n: int = largest):
-        values = [r["methods"][method][key] for r in runs if r["n"] == n and method in r["methods"]]
-        return float(np.mean(values)) if values else None
+def summarize(args, runs: list[dict], base_test: dict, through: dict | None, n_test: int, wall_s: float,
+              parts: int = 1) -> dict:
+    n_values = sorted({r["n"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    methods = [m for m in METHODS if any(m in r["methods"] for r in runs)]
+    largest = max(n_values) if n_values else None
+
+    def values(method: str, key: str, n: int) -> list[float]:
+        return [r["methods"][method][key] for r in runs if r["n"] == n and method in r["methods"]]
+
+    def mean_at(method: str, key: str = "f1", n: int | None = largest):
+        v = values(method, key, n)
+        return float(np.mean(v)) if v else None
 
     table = {str(n): {m: {"f1": mean_at(m, "f1", n), "accuracy": mean_at(m, "accuracy", n),
-                          "f1_std": float(np.std([r["methods"][m]["f1"] for r in runs if r["n"] == n],
-                                                 ddof=1)) if len(args.seeds) > 1 else 0.0}
-                      for m in ("base", "base_recalibrated", *args.methods)} for n in args.n}
+                          "f1_std": float(np.std(values(m, "f1", n), ddof=1)) if len(values(m, "f1", n)) > 1
+                          else 0.0, "seeds": len(values(m, "f1", n))}
+                      for m in ("base", "base_recalibrated", *methods)} for n in n_values}
     lora_share = next((r["methods"]["lora"]["trainable_share"] for r in runs if "lora" in r["methods"]), None)
     f1_lora, f1_full = mean_at("lora"), mean_at("full")
-    summary = {
-        "metric": f"F1 of the defect decision (p >= 0.5) on the ELPV poly test cells, LoRA adapter at n = {largest}, "
-                  "mean over seeds",
+    return {
+        "metric": f"F1 of the defect decision on the ELPV poly test cells, LoRA adapter at n = {largest}, "
+                  "mean over seeds (threshold chosen on the validation part of the n cells)",
         "value": f1_lora,
-        "n": list(args.n),
+        "n": n_values,
         "largest_n": largest,
-        "seeds": list(args.seeds),
+        "seeds": seeds,
         "f1_base": base_test["f1"],
         "f1_lora_500": f1_lora,
         "f1_full_500": f1_full,
@@ -418,26 +467,87 @@ def main(argv: list[str] | None = None) -> int:
         "goal": "LoRA at n = 500 within 1 F1 point of full fine-tuning with <= 5 % of the parameters trainable; "
                 "mixed_line_batch_ratio >= 0.8",
         "by_n": table,
-        "n_test": len(poly_test),
+        "n_test": n_test,
         "split": f"ELPV split seed {args.split_seed} (75/25 stratified on probability and type): base on its mono "
                  "training cells; n poly cells drawn per seed from its poly training cells; test = its poly test "
-                 "cells" + (f" ({len(poly_test)} drawn)" if args.limit_test else ""),
+                 "cells" + (f" ({n_test} drawn)" if args.limit_test else ""),
         "selection": "per method and (n, seed): learning rate from a grid, epoch and max-F1 threshold, all on the "
                      f"{args.val_fraction:.0%} validation part of the n cells; the base's epoch and threshold on "
                      "15 % of its mono cells",
         "f1_keys": "f1_*_500 are at the largest n of the run (largest_n); 500 in the protocol",
+        "timing": "train_s is the wall time of one run" + (
+            f", measured while {parts} processes shared the device (slower than alone; compare methods with "
+            "each other, not with other benchmarks)" if parts > 1 else ""),
         "image_size": args.image_size,
         "device": args.device,
         "quick": args.quick,
-        "wall_s": round(time.perf_counter() - t_start, 1),
+        "wall_s": round(wall_s, 1),
     }
-    details = {"base": {"parameters": n_base, "train_s": round(base_s, 1), "mono_train": len(mono_train),
-                        "mono_val": len(mono_val), "calibration": base_cal.to_dict(), "poly_test": base_test,
-                        "history": base_res.history},
-               "runs": runs, "throughput": through,
-               "config": {k: v for k, v in vars(args).items() if k != "out"}}
-    path = write_result(out.stem, summary, details, results_dir=out.parent)
-    shutil.rmtree(tmp, ignore_errors=True)  # the run's models and stores
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out or (ROOT / ("runs/results/adapt.json" if args.quick else "bench/results/adapt.json")))
+    device = torch.device(args.device)
+    t_start = time.perf_counter()
+    from inspection.store import ModelStore
+
+    mono_train, mono_val, poly_train, poly_test = elpv_cells(args)
+    log(f"split {args.split_seed}: base on {len(mono_train)} mono cells (+{len(mono_val)} validation); "
+        f"{len(poly_train)} poly training cells to draw from; {len(poly_test)} poly test cells")
+    tmp = Path(tempfile.mkdtemp(prefix="adapt-bench-"))
+    store_root = args.base_store or tmp / "store"
+    base, base_version, base_details = get_base(args, store_root, mono_train, mono_val, device)
+    if args.base_only:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 0
+    store = ModelStore(store_root)
+    test_units = units_of(poly_test, "test")
+    test_set = PreparedSet(base, test_units, base.config.class_names)
+    mono_val_set = PreparedSet(base, units_of(mono_val, "val"), base.config.class_names)
+    base_test = test_metrics(base.to(device), mono_val_set, test_set, device,
+                             threshold=base_details["calibration"]["threshold"])
+    base.cpu()
+    log(f"base unadapted on poly test: F1 {base_test['f1']:.3f}, accuracy {base_test['accuracy']:.3f}")
+    details_base = {**base_details, "poly_test": base_test}
+
+    if args.merge:
+        runs, config, parts = [], None, len(args.merge)
+        for part in args.merge:
+            data = json.loads(part.read_text())
+            runs += data["runs"]
+            config = config or data["config"]
+            if data["config"].get("split_seed") != args.split_seed or data["config"].get("image_size") != \
+                    args.image_size:
+                raise SystemExit(f"{part} was run on another split or image size than this merge")
+        runs.sort(key=lambda r: (r["seed"], r["n"]))
+        keys = [(r["seed"], r["n"]) for r in runs]
+        if len(set(keys)) != len(keys):
+            raise SystemExit("the parts overlap: each (seed, n) must come from one part")
+        from inspection.adapters import list_adapters
+
+        lines = sorted({e.line for e in list_adapters(store, base_version)}, key=lambda s: int(s.split("n")[-1]))
+    else:
+        parts, config = 1, {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+
+        def on_row(done: list[dict]) -> None:  # the result so far after every method: a cut run keeps its runs
+            summary = summarize(args, done, base_test, None, len(poly_test), time.perf_counter() - t_start)
+            write_result(out.stem, summary, {"base": details_base, "runs": done, "throughput": None,
+                                             "config": config}, results_dir=out.parent)
+
+        runs = run_cells(args, base, poly_train, test_set, base_test, store, base_version, device, tmp, on_row)
+        lines = [f"poly-n{n}" for n in args.n] if "lora" in args.methods else []
+    through = None
+    if lines and not args.no_throughput:
+        log(f"throughput: {len(lines[:4])} line adapters served from a real store")
+        through = throughput(store_root, base_version, test_units, lines[:4], args)
+        log(f"  mixed / one-line units/s: service {through['mixed_line_batch_ratio']:.3f}, forward "
+            f"{through['mixed_line_forward_ratio']:.3f}; adapted / base forward "
+            f"{through['adapted_vs_base_forward_ratio']:.3f}")
+    summary = summarize(args, runs, base_test, through, len(poly_test), time.perf_counter() - t_start, parts)
+    path = write_result(out.stem, summary, {"base": details_base, "runs": runs, "throughput": through,
+                                            "config": config}, results_dir=out.parent)
+    shutil.rmtree(tmp, ignore_errors=True)  # the run's models and (without --base-store) its store
     log(f"wrote {path} ({summary['wall_s']:.0f} s)")
     return 0
 
