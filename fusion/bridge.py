@@ -74,9 +74,9 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
     Returns:
         ``[B, H, Q, Dh]`` in q's dtype; rows with no visible key are zero.
     """
-    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"expected q [B,H,Q,Dh] and k, v [B,H,N,Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    probs = attention_weights(q, k, key_padding_mask, top_k)  # [B, H, Q, N]
+    if k.shape != v.shape:
+        raise ValueError(f"expected k and v of one shape [B,H,N,Dh]; got {tuple(k.shape)}, {tuple(v.shape)}")
+    probs = attention_weights(q, k, key_padding_mask, top_k)  # [B, H, Q, N]; checks q, k and the mask
     return (probs @ v.float()).to(q.dtype)
 
 
@@ -158,8 +158,10 @@ class _Attention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None, top_k: int | None,
-                attention: Callable[..., Tensor], spread: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """``[B, Q, D]`` outputs; with ``spread``, also the ``[B]`` :func:`attention_entropy` of the weights."""
+                attention: Callable[..., Tensor], spread: bool = False,
+                rows: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``[B, Q, D]`` outputs; with ``spread``, also the :func:`attention_entropy` of the weights: ``[B]``, or
+        ``[R]`` for the ``[R]`` row indices ``rows`` only."""
         b, q_len, d = x.shape
         h, dh = self.heads, d // self.heads
         q = self.q(x).reshape(b, q_len, h, dh).transpose(1, 2)  # [B, H, Q, Dh]
@@ -169,7 +171,9 @@ class _Attention(nn.Module):
         if not spread:
             return out
         with torch.no_grad():
-            return out, attention_entropy(q, k, mask, top_k)  # [B, Q, D], [B]
+            if rows is not None:
+                q, k, mask = q[rows], k[rows], None if mask is None else mask[rows]
+            return out, attention_entropy(q, k, mask, top_k)  # [B, Q, D], [B] or [R]
 
 
 class BridgeLayer(nn.Module):
@@ -187,11 +191,12 @@ class BridgeLayer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.top_k = config.attn_top_k
 
-    def forward(self, q: Tensor, tokens: Tensor, mask: Tensor, attention,
-                trace: bool = False) -> tuple[Tensor, RouterStats | None, LayerTrace | None]:
+    def forward(self, q: Tensor, tokens: Tensor, mask: Tensor, attention, trace: bool = False,
+                trace_rows: Tensor | None = None) -> tuple[Tensor, RouterStats | None, LayerTrace | None]:
         """``[B, Q, D]`` queries, the MoE's router statistics (None when dense) and, with ``trace``, the
-        layer's :class:`LayerTrace` (else None)."""
-        cross = self.cross(self.norm_cross(q), self.norm_tokens(tokens), mask, self.top_k, attention, trace)
+        layer's :class:`LayerTrace` (else None) of every row or of the ``[R]`` row indices ``trace_rows``."""
+        cross = self.cross(self.norm_cross(q), self.norm_tokens(tokens), mask, self.top_k, attention, trace,
+                           trace_rows)
         spread = None
         if trace:
             cross, spread = cross
@@ -207,17 +212,23 @@ class BridgeLayer(nn.Module):
         layer_trace = None
         if trace:
             shape = (*h.shape[:-1], -1)  # [B, Q, K]
+
+            def picked(t: Tensor) -> Tensor:
+                t = t.detach().reshape(shape)
+                return t if trace_rows is None else t[trace_rows]
+
             layer_trace = LayerTrace(
                 attention_spread=spread,
-                experts=None if routing is None else routing.indices.detach().reshape(shape),
-                weights=None if routing is None else routing.weights.detach().float().reshape(shape),
+                experts=None if routing is None else picked(routing.indices),
+                weights=None if routing is None else picked(routing.weights).float(),
             )
         return q + self.drop(y), stats, layer_trace
 
 
 @dataclass(frozen=True, eq=False)
 class LayerTrace:
-    """What one bridge layer did with each row, for audit and monitoring (``trace=True``; no gradient).
+    """What one bridge layer did with each row, for audit and monitoring (``trace=True``; no gradient). ``B`` is
+    the batch's rows, or the ``R`` rows of ``trace_rows`` in their order.
 
     Attributes:
         attention_spread: ``[B]`` float32, the :func:`attention_entropy` of the fusion queries' cross-attention
@@ -262,13 +273,15 @@ class FusionBridge(nn.Module):
         self.attention: Callable[..., Tensor] = kernel_attention
 
     def forward(self, tokens: Tensor, modality_index: Tensor, key_padding_mask: Tensor,
-                trace: bool = False) -> BridgeOutput:
+                trace: bool = False, trace_rows: Tensor | None = None) -> BridgeOutput:
         """Args:
             tokens: ``[B, N, D]`` tokens of all modalities (absent ones may hold anything).
             modality_index: ``[N]`` long, which modality each token belongs to.
             key_padding_mask: ``[B, N]`` bool, True for tokens of absent modalities.
             trace: also return each layer's routing and attention spread (:class:`LayerTrace`); the outputs
                 are the same either way.
+            trace_rows: ``[R]`` long row indices: trace only these rows (in this order), so that a caller that
+                needs the trace of a few rows (the grand coalitions of a stacked batch) does not pay for all.
         """
         if tokens.ndim != 3 or tokens.shape[2] != self.config.dim:
             raise ValueError(f"tokens must be [B, N, {self.config.dim}]; got {tuple(tokens.shape)}")
@@ -276,7 +289,7 @@ class FusionBridge(nn.Module):
         q = self.queries.expand(tokens.shape[0], -1, -1)  # [B, Q, D]
         stats, traces = [], []
         for layer in self.layers:
-            q, s, t = layer(q, tokens, key_padding_mask, self.attention, trace)
+            q, s, t = layer(q, tokens, key_padding_mask, self.attention, trace, trace_rows)
             if s is not None:
                 stats.append(s)
             traces.append(t)

@@ -270,14 +270,16 @@ class InspectionModel(nn.Module):
         return Encoded(torch.cat([c.to(dtype) for c in chunks], dim=1), torch.cat(indices), slices, batch.present)
 
     def fuse(self, encoded: Encoded, present: Tensor | None = None, visible: Tensor | None = None,
-             trace: bool = False) -> ModelOutput:
+             trace: bool = False, trace_rows: Tensor | None = None) -> ModelOutput:
         """Bridge and heads for a presence mask ``[B, M]`` (default: what each unit has).
 
         A mask may only remove modalities a unit has; modalities it lacks stay absent. ``visible`` ``[B, N]``
         (bool) hides single tokens on top of that: a token is seen only where both allow it (explanations switch
         an image region, a frequency band or a time segment off this way). The per-modality heads read every
         token of a present modality. ``trace=True`` fills :attr:`ModelOutput.trace` (each row's routing path
-        and attention spread) and changes no other output; training and benchmarks leave it off.
+        and attention spread) and changes no other output; training and benchmarks leave it off. ``trace_rows``
+        (``[R]`` long) traces only those rows, in that order: the trace's row ``r`` is the batch's
+        ``trace_rows[r]``.
         """
         present = encoded.present if present is None else present & encoded.present
         tokens_on = present[:, encoded.modality_index]  # [B, N] True = visible
@@ -287,7 +289,7 @@ class InspectionModel(nn.Module):
                                  f"{visible.dtype} {tuple(visible.shape)}")
             tokens_on = tokens_on & visible.to(tokens_on.device)
         visible = tokens_on
-        bridged = self.bridge(encoded.tokens, encoded.modality_index, ~visible, trace=trace)
+        bridged = self.bridge(encoded.tokens, encoded.modality_index, ~visible, trace=trace, trace_rows=trace_rows)
         # residual global pooling: the mean of every visible token (for one modality, global average pooling of
         # its features); the bridge's queries add the cross-modal interactions on top
         weights = visible.to(encoded.tokens.dtype)
@@ -319,7 +321,7 @@ class InspectionModel(nn.Module):
 
         Args:
             output: the traced output.
-            rows: row indices into it.
+            rows: row indices into its trace (the batch's rows, or positions in ``trace_rows``).
 
         Returns:
             One :class:`~inspection.records.RoutingPath` per row, in order; None for each when the bridge has no

@@ -424,24 +424,26 @@ def _forward(serving: ServingModel, results: list[Scored], batch: Batch) -> list
     adapted = _adapter_rows(serving, results, batch)  # each row's line adapter; None: the base for every row
     if adapted is not None:
         model, thresholds = adapted.model, adapted.thresholds(thresholds)
+    present_rows = batch.present.cpu().tolist()
+    # each unit's own forward pass is its grand coalition's row: only those rows are traced (routing path and
+    # attention spread), not every coalition's
+    grand = [coalition_row(b, frozenset(m for m, on in zip(MODALITIES, present_rows[b], strict=True) if on))
+             for b in range(len(results))]
     with serving.autocast(), contextlib.nullcontext() if adapted is None else adapted:
         encoded = model.encode(batch)  # tokens [B, N, D]
         stacked, masks = stack_coalitions(encoded)  # [R, N, D], [R, M]
-        out = model.fuse(stacked, masks, trace=True)
+        out = model.fuse(stacked, masks, trace=True,
+                         trace_rows=torch.tensor(grand, dtype=torch.long, device=stacked.tokens.device))
     logits = out.defect_logit.float()  # [R]
     probs = torch.sigmoid(logits).cpu()  # [R], as ModelOutput.score
     logit_list = logits.double().cpu().tolist()
     prob64 = torch.sigmoid(logits.double()).cpu().tolist()
     class_logits = out.class_logits.float().cpu()  # [R, K]
     modality_probs = torch.sigmoid(out.modality_logits.float()).cpu()  # [R, M]
-    present_rows = batch.present.cpu().tolist()
     class_names = model.config.class_names
     decided_at = datetime.now(UTC)
-    # each unit's own forward pass is its grand coalition's row: its routing path and attention spread
-    grand = [coalition_row(b, frozenset(m for m, on in zip(MODALITIES, present_rows[b], strict=True) if on))
-             for b in range(len(results))]
-    routing = model.routing_paths(out, grand)
-    spread = torch.stack([t.attention_spread for t in out.trace], dim=1)[grand].cpu().tolist()  # [B, layers]
+    routing = model.routing_paths(out, range(len(results)))
+    spread = torch.stack([t.attention_spread for t in out.trace], dim=1).cpu().tolist()  # [B, layers]
     for b, res in enumerate(results):
         players = tuple(m for m, on in zip(MODALITIES, present_rows[b], strict=True) if on)
         rows = {c: coalition_row(b, c) for c in all_coalitions(players)}

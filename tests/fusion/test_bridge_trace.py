@@ -91,6 +91,24 @@ def test_trace_is_the_routers_choice_and_changes_no_output(monkeypatch, path):
         assert s[2] == 0.0
 
 
+@pytest.mark.parametrize("moe", [True, False])
+def test_tracing_some_rows_gives_those_rows_of_the_full_trace_and_changes_no_output(moe):
+    bridge = _bridge(moe=moe)
+    tokens, modality_index, mask = _inputs()
+    rows = torch.tensor([2, 0])  # a subset, out of order
+    with torch.no_grad():
+        full = bridge(tokens, modality_index, mask, trace=True)
+        some = bridge(tokens, modality_index, mask, trace=True, trace_rows=rows)
+    assert torch.equal(full.queries, some.queries) and torch.equal(full.pooled, some.pooled)
+    for f, t in zip(full.trace, some.trace, strict=True):
+        assert t.attention_spread.shape == (2,)
+        torch.testing.assert_close(t.attention_spread, f.attention_spread[rows], rtol=0, atol=ENTROPY_ATOL)
+        if moe:
+            assert torch.equal(t.experts, f.experts[rows]) and torch.equal(t.weights, f.weights[rows])
+        else:
+            assert t.experts is None and t.weights is None
+
+
 def test_a_dense_bridge_traces_spread_without_routing():
     bridge = _bridge(moe=False, layers=1)
     traced = bridge(*_inputs(), trace=True)
