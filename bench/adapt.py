@@ -18,7 +18,8 @@ Methods, each trained on the same n - n_val cells:
   threshold chosen on the poly validation part;
 - ``head``: the heads only (head norm, defect, class and modality heads) trained on the frozen base;
 - ``lora``: a LoRA adapter (:mod:`inspection.adapters`, default targets: bridge projections, heads, vision
-  projection) on the frozen base; ``lora_backbone``: the same plus the backbone's last 1x1 convolutions;
+  projection) on the frozen base; ``lora_backbone``: the same plus the 1x1 convolutions of the backbone's last
+  ``--backbone-stages`` stages; ``lora_wide``: rank ``--wide-rank`` on the same targets and every backbone stage;
 - ``full``: every weight of the base fine-tuned;
 - ``scratch``: the ELPV model trained on the n cells alone from the ImageNet weights
   (:func:`inspection.training.train_supervised`).
@@ -78,7 +79,8 @@ from inspection.records import InputCoordinate, Unit  # noqa: E402
 from inspection.training import PreparedSet, TrainConfig, predict, train_supervised  # noqa: E402
 
 HEAD_PREFIXES = ("head_norm.", "defect_head.", "class_head.", "modality_heads.")
-METHODS = ("head", "lora", "lora_backbone", "full", "scratch")
+METHODS = ("head", "lora", "lora_backbone", "lora_wide", "full", "scratch")
+ALL_STAGES = 64  # more stages than any backbone has: every stage
 
 
 def log(msg: str) -> None:
@@ -189,9 +191,11 @@ def method_runner(method: str, base, train_units, val_units, train: PreparedSet,
         return tuned(lambda m: [p for n, p in m.named_parameters() if n.startswith(HEAD_PREFIXES)], True)
     if method == "full":
         return tuned(lambda m: list(m.parameters()), False)
-    if method in ("lora", "lora_backbone"):
-        targets = ("bridge", "heads", "vision", "backbone") if method == "lora_backbone" else None
-        config = AdapterConfig(rank=args.rank, **({"targets": targets} if targets else {}))
+    if method in ("lora", "lora_backbone", "lora_wide"):
+        targets = ("bridge", "heads", "vision", "backbone") if method != "lora" else None
+        config = AdapterConfig(rank=args.wide_rank if method == "lora_wide" else args.rank,
+                               backbone_stages=ALL_STAGES if method == "lora_wide" else args.backbone_stages,
+                               **({"targets": targets} if targets else {}))
 
         def make(lr, cfg):
             res = train_adapter(base, train, val, "poly", config, cfg)
@@ -285,10 +289,14 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--backbone-stages", type=int, default=2,
+                   help="lora_backbone: how many of the backbone's last stages get their 1x1 convolutions adapted")
+    p.add_argument("--wide-rank", type=int, default=16, help="lora_wide: the rank")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the n cells held out for validation")
     p.add_argument("--lrs-head", type=float, nargs="+", default=[1e-3, 3e-3])
     p.add_argument("--lrs-lora", type=float, nargs="+", default=[1e-3, 3e-3])
+    p.add_argument("--lrs-wide", type=float, nargs="+", default=[3e-3, 1e-2])
     p.add_argument("--lrs-full", type=float, nargs="+", default=[1e-4, 3e-4])
     p.add_argument("--lrs-scratch", type=float, nargs="+", default=[1e-3, 3e-3])
     p.add_argument("--scratch-backbone-ratio", type=float, default=0.3,
@@ -411,6 +419,7 @@ def run_cells(args, base, poly_train: list, test_set: PreparedSet, base_test: di
             row["methods"]["base_recalibrated"] = {**recal, "trainable": 0, "train_s": 0.0}
             for method in args.methods:
                 lrs = {"head": args.lrs_head, "lora": args.lrs_lora, "lora_backbone": args.lrs_lora,
+                       "lora_wide": args.lrs_wide,
                        "full": args.lrs_full, "scratch": args.lrs_scratch}[method]
                 make = method_runner(method, base, train_units, val_units, train_set, val_set, args, tmp, seed)
                 model, info = run_grid(method, make, lrs, train_set, val_set, cfg)
@@ -460,6 +469,9 @@ def summarize(args, runs: list[dict], base_test: dict, through: dict | None, n_t
         "f1_scratch_500": mean_at("scratch"),
         "f1_head_500": mean_at("head"),
         "f1_lora_backbone_500": mean_at("lora_backbone"),
+        "f1_lora_wide_500": mean_at("lora_wide"),
+        "lora_wide_trainable_share": next((r["methods"]["lora_wide"]["trainable_share"] for r in runs
+                                           if "lora_wide" in r["methods"]), None),
         "lora_minus_full_500": None if f1_lora is None or f1_full is None else f1_lora - f1_full,
         "lora_trainable_share": lora_share,
         "mixed_line_batch_ratio": through["mixed_line_batch_ratio"] if through else None,
@@ -476,8 +488,8 @@ def summarize(args, runs: list[dict], base_test: dict, through: dict | None, n_t
                      "15 % of its mono cells",
         "f1_keys": "f1_*_500 are at the largest n of the run (largest_n); 500 in the protocol",
         "timing": "train_s is the wall time of one run" + (
-            f", measured while {parts} processes shared the device (slower than alone; compare methods with "
-            "each other, not with other benchmarks)" if parts > 1 else ""),
+            f", measured while other parts ran on the same device ({parts} parts merged; slower than alone: "
+            "compare methods with each other, not with other benchmarks)" if parts > 1 else ""),
         "image_size": args.image_size,
         "device": args.device,
         "quick": args.quick,
@@ -512,18 +524,20 @@ def main(argv: list[str] | None = None) -> int:
     details_base = {**base_details, "poly_test": base_test}
 
     if args.merge:
-        runs, config, parts = [], None, len(args.merge)
+        by_key, config, parts = {}, None, len(args.merge)
         for part in args.merge:
             data = json.loads(part.read_text())
-            runs += data["runs"]
             config = config or data["config"]
             if data["config"].get("split_seed") != args.split_seed or data["config"].get("image_size") != \
                     args.image_size:
                 raise SystemExit(f"{part} was run on another split or image size than this merge")
-        runs.sort(key=lambda r: (r["seed"], r["n"]))
-        keys = [(r["seed"], r["n"]) for r in runs]
-        if len(set(keys)) != len(keys):
-            raise SystemExit("the parts overlap: each (seed, n) must come from one part")
+            for r in data["runs"]:  # parts may split one (seed, n) by method, never train one method twice
+                row = by_key.setdefault((r["seed"], r["n"]), {**r, "methods": {}})
+                trained = set(row["methods"]) & set(r["methods"]) - {"base", "base_recalibrated"}
+                if trained:
+                    raise SystemExit(f"the parts overlap: seed {r['seed']}, n {r['n']}: {sorted(trained)} twice")
+                row["methods"] = {**r["methods"], **row["methods"]}
+        runs = [by_key[k] for k in sorted(by_key)]
         from inspection.adapters import list_adapters
 
         lines = sorted({e.line for e in list_adapters(store, base_version)}, key=lambda s: int(s.split("n")[-1]))
