@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Extra arguments of `inspection demo`, e.g. make demo DEMO_ARGS="--keep-running --rate 2"
+DEMO_ARGS ?=
 demo: install
-	$(BIN)/inspection demo
+	$(BIN)/inspection demo $(DEMO_ARGS)
 
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
 # Triton kernels run on the CPU under the interpreter, which must be switched on before triton is imported:

@@ -419,12 +419,13 @@ def read_reports(paths: Iterable[Path]) -> list[tuple[Path, dict[str, Any]]]:
 # ------------------------------------------------------------------------------------------ batch runs
 def explain_to_reports(model, units: Sequence[Unit], out_dir: Path | str, *, level: int = 2, budget: int = 512,
                        seed: int = 0, model_version: str | None = None, threshold_version: str | None = None,
-                       chunk: int = 16) -> list[tuple[Path, dict[str, Any]]]:
+                       chunk: int = 16, threshold: float | None = None) -> list[tuple[Path, dict[str, Any]]]:
     """Explain units and write a JSON and an HTML report per unit into ``out_dir``.
 
     The decision in each report is the model's own: score = the defect probability with every modality visible,
-    threshold = the unit's line threshold (when the model is calibrated), decision = score ≥ threshold. The
-    file stem derives from the unit id (:func:`report_stem`).
+    threshold = ``threshold`` when given (e.g. a line adapter's, for units of that line), else the unit's line
+    threshold (when the model is calibrated), decision = score ≥ threshold. The file stem derives from the unit
+    id (:func:`report_stem`).
 
     Returns:
         ``(json path, report)`` per unit, in order.
@@ -437,17 +438,17 @@ def explain_to_reports(model, units: Sequence[Unit], out_dir: Path | str, *, lev
     for lo in range(0, len(units), chunk):
         part = list(units[lo:lo + chunk])
         attributions = explain(model, part, level=level, budget=budget, seed=seed)
-        thresholds: list[float | None] = [None] * len(part)
-        if model.calibrated:
+        thresholds: list[float | None] = [threshold] * len(part)
+        if threshold is None and model.calibrated:
             slots = torch.tensor([model.line_slot(u.line_id) for u in part], dtype=torch.long,
                                  device=model.thresholds.device)
             thresholds = [float(t) for t in model.threshold_for(slots).cpu().tolist()]
-        for unit, attribution, threshold in zip(part, attributions, thresholds, strict=True):
+        for unit, attribution, cut in zip(part, attributions, thresholds, strict=True):
             score = 1.0 / (1.0 + math.exp(-attribution.modality.value_full))
             decision = None
-            if threshold is not None:
-                decision = {"decision": "defect" if score >= threshold else "ok", "score": score,
-                            "threshold": threshold, "threshold_version": threshold_version,
+            if cut is not None:
+                decision = {"decision": "defect" if score >= cut else "ok", "score": score,
+                            "threshold": cut, "threshold_version": threshold_version,
                             "missing": [m for m in MODALITIES if m not in unit.present]}
             report = build_report(attribution, unit=unit, decision=decision, model_version=model_version)
             json_path, _ = write_unit_report(out_dir, report, unit, stem=report_stem(unit.unit_id))

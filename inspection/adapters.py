@@ -34,7 +34,13 @@ id for one forward pass: peft's mixed-adapter batches, in which every LoRA layer
 per input row, ``__base__`` for the base), apply each row's adapter to that row only. An encoder's layers see
 the units that have its modality; the bridge's and heads' layers see one row per unit or, for the coalition
 rows of explanations, k rows per unit, unit after unit (as :func:`explain.shapley.stack_coalitions` lays them
-out). Rows of lines without an adapter compute exactly the base model's numbers.
+out). Rows of lines without an adapter compute exactly the base model's numbers. ``load_line_adapters`` can also
+load exactly given adapter versions (an audit reproduces a decision with the version it names, a re-scoring can
+run without adapters), and :meth:`LineAdapters.only` puts one line's adapter on every row of any forward pass
+(explanations of that line's units run forwards of other shapes than scoring).
+
+A decision made with a line adapter names model version ``<base version>+<line>:<adapter version>``
+(:func:`adapted_version`, :func:`split_model_version`).
 """
 
 from __future__ import annotations
@@ -85,6 +91,29 @@ TRAIN_NAME = "line"
 #: Calibration methods of :func:`calibrate_line`: the validation-based ones, and ``fixed``.
 LINE_METHODS: tuple[str, ...] = (*METHODS, "fixed")
 _PEFT_REPEAT_WARNING = "Already found a `peft_config` attribute"
+
+
+def adapted_version(base_version: str, line: str, adapter_version: str) -> str:
+    """The model version a decision made with a line adapter names: ``<base version>+<line>:<adapter version>``."""
+    return f"{base_version}+{line}:{adapter_version}"
+
+
+def split_model_version(model_version: str) -> tuple[str, str | None, str | None]:
+    """``(base version, line, adapter version)`` of a decision's model version; line and adapter are None for a
+    decision of the base alone (the inverse of :func:`adapted_version`; line ids hold no ``+``, adapter versions
+    no ``:``).
+
+    Raises:
+        StoreError: a ``+`` without ``<line>:<adapter version>`` after it.
+    """
+    base, plus, rest = model_version.partition("+")
+    if not plus:
+        return model_version, None, None
+    line, colon, adapter = rest.rpartition(":")
+    if not (base and colon and line and adapter):
+        raise StoreError(f"model version {model_version!r} is neither a version id nor "
+                         "'<version>+<line>:<adapter version>'")
+    return base, line, adapter
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -695,6 +724,13 @@ class LineAdapters:
     def __len__(self) -> int:
         return len(self.lines)
 
+    def only(self, line: str) -> AdaptedRows | None:
+        """Line ``line``'s adapter for every row of every forward pass of the adapted copy inside the context,
+        whatever the row count (an explanation's encode of a few units of that line, the coalition rows of one
+        unit, its input-masked copies), or None when the line has no adapter (then the base model explains it)."""
+        adapter = self.lines.get(line)
+        return None if adapter is None else AdaptedRows(self, [adapter], None)
+
     def rows(self, line_ids: Sequence[str], present: Tensor) -> AdaptedRows | None:
         """Each unit's adapter for one forward pass of the adapted copy, or None when no unit's line has one
         (then the base model scores the batch as it would without adapters).
@@ -724,20 +760,22 @@ def _scope(module_name: str) -> str | None:
 
 class AdaptedRows:
     """One forward pass's per-row adapters: a context manager that hands every LoRA layer of the adapted copy its
-    ``adapter_names`` (see :meth:`LineAdapters.rows`).
+    ``adapter_names`` (see :meth:`LineAdapters.rows`), or one adapter for every row (:meth:`LineAdapters.only`).
 
     Attributes:
         model: the adapted copy to run inside the context.
-        adapters: ``[B]`` each row's :class:`LineAdapter`, None for the base.
+        adapters: ``[B]`` each row's :class:`LineAdapter`, None for the base; one adapter for ``only``.
     """
 
-    def __init__(self, owner: LineAdapters, adapters: list[LineAdapter | None], present: Tensor) -> None:
+    def __init__(self, owner: LineAdapters, adapters: list[LineAdapter | None], present: Tensor | None) -> None:
         self.model = owner.model
         self.adapters = adapters
         self._scopes = owner._scopes
         self._units = [a.name if a is not None else BASE_ROW for a in adapters]
-        self._by_modality = {m: [n for n, on in zip(self._units, present[:, i].tolist(), strict=True) if on]
-                             for i, m in enumerate(MODALITIES)}
+        self._uniform = present is None  # one adapter for every row of every layer
+        self._by_modality = {} if present is None else {
+            m: [n for n, on in zip(self._units, present[:, i].tolist(), strict=True) if on]
+            for i, m in enumerate(MODALITIES)}
         self._handles: list = []
 
     def names_for(self, scope: str | None, rows: int) -> list[str]:
@@ -747,6 +785,8 @@ class AdaptedRows:
         Raises:
             ValueError: the rows fit neither layout.
         """
+        if self._uniform:
+            return self._units * rows
         if scope is not None:
             names = self._by_modality[scope]
             if rows != len(names):
@@ -789,23 +829,43 @@ class AdaptedRows:
         adapter = self.adapters[row]
         if adapter is None:
             return decision
-        return replace(decision, model_version=f"{decision.model_version}+{adapter.line}:{adapter.version}",
+        return replace(decision, model_version=adapted_version(decision.model_version, adapter.line,
+                                                               adapter.version),
                        threshold_version=adapter.threshold_version)
 
 
-def load_line_adapters(family: ModelStore, base: ModelVersion, model: InspectionModel) -> LineAdapters | None:
-    """The promoted adapter of every line of ``base`` (verified by :func:`load_adapter`) in one copy of ``model``;
-    None when no line of this base has a promoted adapter.
+def promoted_adapters(family: ModelStore, base_version: str) -> dict[str, str]:
+    """Line -> the version of its promoted adapter, for every line of ``base_version`` that has one (read from the
+    stores' promotion records; no weights are read).
 
     Raises:
-        StoreError: a tampered adapter, an adapter of another base, or one that does not fit the model.
+        StoreError: an adapter store that cannot be read.
     """
-    found = {}
-    for line in _line_dirs(family, base.version):
-        store = ModelStore(family.root / ADAPTERS_DIR / base.version / line)
-        if store.promoted() is None:
-            continue
-        found[line] = load_adapter(family, base, line)
+    out = {}
+    for line in _line_dirs(family, base_version):
+        promoted = ModelStore(family.root / ADAPTERS_DIR / base_version / line).promoted()
+        if promoted is not None:
+            out[line] = promoted.version
+    return out
+
+
+def load_line_adapters(family: ModelStore, base: ModelVersion, model: InspectionModel,
+                       versions: Mapping[str, str] | None = None) -> LineAdapters | None:
+    """Line adapters of ``base`` (each verified by :func:`load_adapter`) in one copy of ``model``; None when there
+    are none.
+
+    Args:
+        family, base, model: the base version's store, its entry and the loaded base model.
+        versions: line -> the adapter version to load, exactly these (e.g. the ones a recorded decision names;
+            ``{}``: none); None: the promoted adapter of every line.
+
+    Raises:
+        StoreError: an adapter version the store does not hold, a tampered adapter, an adapter of another base,
+            or one that does not fit the model.
+    """
+    if versions is None:
+        versions = promoted_adapters(family, base.version)
+    found = {line: load_adapter(family, base, line, version) for line, version in sorted(versions.items())}
     if not found:
         return None
     device = next(model.parameters()).device
@@ -866,7 +926,8 @@ def adapt_data(store_root: Path | str, base_version: str, spec, config: AdapterC
 
 __all__ = [
     "ADAPTER_KIND", "AdaptedRows", "AdapterConfig", "AdapterEntry", "AdapterResult", "DEFAULT_TARGETS", "FitResult",
-    "LineAdapter", "LineAdapters", "LineCalibration", "TARGET_GROUPS", "adapt_data", "adapter_card", "adapter_state",
-    "adapter_store", "calibrate_line", "fine_tune", "list_adapters", "load_adapter", "load_line_adapters",
-    "parameter_count", "save_adapter", "target_modules", "train_adapter",
+    "LineAdapter", "LineAdapters", "LineCalibration", "TARGET_GROUPS", "adapt_data", "adapted_version",
+    "adapter_card", "adapter_state", "adapter_store", "calibrate_line", "fine_tune", "list_adapters", "load_adapter",
+    "load_line_adapters", "parameter_count", "promoted_adapters", "save_adapter", "split_model_version",
+    "target_modules", "train_adapter",
 ]

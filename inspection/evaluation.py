@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from inspection.model import InspectionModel
+from inspection.progress import Progress
 from inspection.records import MODALITIES, Unit
 from inspection.training import PreparedSet, predict
 
@@ -78,13 +79,23 @@ def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float | np
 
 def predict_units(model: InspectionModel, units: Sequence[Unit] | PreparedSet, device: torch.device | str = "cpu",
                   tta: bool = False, batch_size: int = 64, hide: Sequence[str] = (),
-                  amp: bool = True) -> dict[str, np.ndarray]:
+                  amp: bool = True, *, report: Progress | None = None,
+                  desc: str = "evaluate") -> dict[str, np.ndarray]:
     """Scores of labelled units (or an already prepared set of them) plus their targets and thresholds
-    (``amp``: bf16 autocast on CUDA, as the service scores; False keeps float32)."""
+    (``amp``: bf16 autocast on CUDA, as the service scores; False keeps float32). ``report`` shows the
+    preprocessing and the scoring as stages named ``desc``."""
     device = torch.device(device)
-    data = units if isinstance(units, PreparedSet) else PreparedSet(model, units, model.config.class_names)
+    report = report or Progress(enabled=False)
+    if isinstance(units, PreparedSet):
+        data = units
+    else:
+        stage = report.stage(f"{desc}: preprocess", len(units))
+        data = PreparedSet(model, units, model.config.class_names, stage.update)
+        stage.close(stage.done_line())
     model.to(device)
-    pred = predict(model, data, device, batch_size=batch_size, tta=tta, hide=hide, amp=amp)
+    stage = report.stage(f"{desc}: score", len(data))
+    pred = predict(model, data, device, batch_size=batch_size, tta=tta, hide=hide, amp=amp, on_batch=stage.update)
+    stage.close(stage.done_line())
     pred["defect"] = data.targets.defect.numpy() > 0.5
     pred["klass"] = data.targets.klass.numpy()
     pred["threshold"] = model.threshold_for(data.batch.line_index.to(device)).cpu().numpy()
@@ -93,12 +104,14 @@ def predict_units(model: InspectionModel, units: Sequence[Unit] | PreparedSet, d
 
 def evaluate_units(model: InspectionModel, units: Sequence[Unit], device: torch.device | str = "cpu",
                    tta: bool = False, *, prepared: PreparedSet | None = None,
-                   hide: Sequence[str] = (), amp: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+                   hide: Sequence[str] = (), amp: bool = True, report: Progress | None = None,
+                   desc: str = "evaluate") -> tuple[dict, dict[str, np.ndarray]]:
     """Metrics of a calibrated model on labelled units: binary metrics at the calibrated thresholds, class
     accuracy, and per-modality AUROC against the culprit labels. ``prepared`` (the same units, already
     preprocessed) is reused when given; ``hide`` masks modalities out at test time; ``amp``: bf16 autocast on
-    CUDA (False: float32)."""
-    pred = predict_units(model, prepared if prepared is not None else units, device, tta, hide=hide, amp=amp)
+    CUDA (False: float32); ``report``/``desc`` as :func:`predict_units`."""
+    pred = predict_units(model, prepared if prepared is not None else units, device, tta, hide=hide, amp=amp,
+                         report=report, desc=desc)
     metrics = binary_metrics(pred["score"], pred["defect"], pred["threshold"])
     metrics["class_accuracy"] = float((pred["class_prob"].argmax(1) == pred["klass"]).mean())
     metrics["n"] = len(units)

@@ -266,16 +266,19 @@ def _interval(values: Sequence[float], successes: int | None = None, n: int | No
 
 def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, device: str = "cpu",
                    tta: bool = False, results_dir: Path | str = "runs/results",
-                   plots_dir: Path | str = "runs/plots", note: str | None = None) -> Path:
-    """Evaluate calibrated models of a bench on their test splits; write the result file."""
+                   plots_dir: Path | str = "runs/plots", note: str | None = None,
+                   progress: bool | Progress = False) -> Path:
+    """Evaluate calibrated models of a bench on their test splits; write the result file. ``progress`` shows
+    each model's preprocessing and scoring (:class:`~inspection.progress.Progress`)."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
+    report = Progress.of(progress)
     if bench == "composite":
         return _evaluate_composite(store_root, seeds, device=device, results_dir=results_dir, plots_dir=plots_dir,
-                                   note=note)
+                                   note=note, report=report)
     if bench == "bearings":
         return _evaluate_bearings(store_root, seeds, device=device, tta=tta, results_dir=results_dir,
-                                  plots_dir=plots_dir, note=note)
+                                  plots_dir=plots_dir, note=note, report=report)
     store = ModelStore(Path(store_root) / bench)
     versions = _calibrated_versions(store, seeds)
     runs = []
@@ -283,7 +286,7 @@ def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, 
         v = versions[seed]
         model = model_from_version(v, store)
         data = bench_data(bench, seed, v.card["data"], test_labels=True)
-        metrics, pred = evaluate_units(model, data.test, device, tta=tta)
+        metrics, pred = evaluate_units(model, data.test, device, tta=tta, report=report, desc=f"{bench} seed {seed}")
         plot_roc_confusion(pred["score"], pred["defect"], pred["threshold"], pred["klass"],
                            pred["class_prob"].argmax(1), model.config.class_names, plots_dir / f"{bench}_s{seed}",
                            f"{bench} seed {seed}")
@@ -308,7 +311,7 @@ def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, 
         "class_accuracy_4": float(np.mean([r["metrics"]["class_accuracy"] for r in runs])),
         "auroc": float(np.mean([r["metrics"].get("auroc", float("nan")) for r in runs])),
     }
-    repeats = _repeat_spread(store, seeds, device, tta)
+    repeats = _repeat_spread(store, seeds, device, tta, report)
     if repeats:
         summary["same_split_repeats"] = repeats
     if note:
@@ -316,7 +319,7 @@ def evaluate_bench(bench: str, store_root: Path | str, seeds: Sequence[int], *, 
     return write_result(bench, summary, {"runs": runs}, results_dir)
 
 
-def _repeat_spread(store: ModelStore, seeds: Sequence[int], device: str, tta: bool) -> dict:
+def _repeat_spread(store: ModelStore, seeds: Sequence[int], device: str, tta: bool, report: Progress) -> dict:
     """Run-to-run spread: split seeds with more than one training run (``inspection train --train-seed``) are
     scored once per run on the same test split."""
     by_seed: dict[int, list[ModelVersion]] = {}
@@ -327,8 +330,9 @@ def _repeat_spread(store: ModelStore, seeds: Sequence[int], device: str, tta: bo
         if len(versions) < 2:
             continue
         data = bench_data(versions[0].card["bench"], seed, versions[0].card["data"], test_labels=True)
-        values = {str(_train_seed(v.card)): evaluate_units(model_from_version(v, store), data.test, device,
-                                                            tta=tta)[0]["accuracy"] for v in versions}
+        values = {str(_train_seed(v.card)): evaluate_units(
+            model_from_version(v, store), data.test, device, tta=tta, report=report,
+            desc=f"seed {seed} train seed {_train_seed(v.card)}")[0]["accuracy"] for v in versions}
         acc = np.array(list(values.values()))
         out[str(seed)] = {"accuracy_by_train_seed": values, "std": float(acc.std(ddof=1)),
                           "range": float(acc.max() - acc.min())}
@@ -340,7 +344,8 @@ def _recording(unit: Unit) -> str:
     return unit.provenance["vibration"].split(":", 1)[1].split("@", 1)[0]
 
 
-def _evaluate_bearings(store_root, seeds, *, device, tta, results_dir, plots_dir, note=None) -> Path:
+def _evaluate_bearings(store_root, seeds, *, device, tta, results_dir, plots_dir, note=None,
+                       report: Progress | None = None) -> Path:
     """Grouped cross-validation: each seed's folds together test every recording once; window accuracy pooled
     over the folds, and recording accuracy by each recording's majority vote over its windows."""
     store = ModelStore(Path(store_root) / "bearings")
@@ -352,7 +357,8 @@ def _evaluate_bearings(store_root, seeds, *, device, tta, results_dir, plots_dir
         for v in folds[seed]:
             model = model_from_version(v, store)
             data = bench_data("bearings", seed, v.card["data"], test_labels=True)
-            metrics, pred = evaluate_units(model, data.test, device, tta=tta)
+            metrics, pred = evaluate_units(model, data.test, device, tta=tta, report=report,
+                                           desc=f"bearings seed {seed} fold {v.card['data']['fold']}")
             fold_rows.append({"fold": v.card["data"]["fold"], "model_version": v.version,
                               "threshold_version": v.card["threshold_version"],
                               "test_recordings": sorted({_recording(u) for u in data.test}), "metrics": metrics})
@@ -415,7 +421,8 @@ def _evaluate_bearings(store_root, seeds, *, device, tta, results_dir, plots_dir
     return write_result("bearings", summary, {"runs": runs}, results_dir)
 
 
-def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, note=None) -> Path:
+def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, note=None,
+                        report: Progress | None = None) -> Path:
     """The fused model against baselines whose thresholds are all chosen on the validation units (drawn from
     held-out sources): each single-modality model, late fusion (the largest calibrated margin, with a threshold
     for the combination) and stacking (logistic regression on the single-modality scores); and the fused model
@@ -429,18 +436,24 @@ def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, no
         data = bench_data("composite", seed, fused_v.card["data"], test_labels=True)
         test = data.test
         row: dict = {"seed": seed, "model_version": fused_v.version}
-        prepared = PreparedSet(fused, test, fused.config.class_names)  # preprocessed once, masked below
-        metrics, pred = evaluate_units(fused, test, device, prepared=prepared)
+        report = report or Progress(enabled=False)
+        stage = report.stage(f"composite seed {seed}: preprocess", len(test))
+        prepared = PreparedSet(fused, test, fused.config.class_names, stage.update)  # once, masked below
+        stage.close(stage.done_line())
+        desc = f"composite seed {seed}"
+        metrics, pred = evaluate_units(fused, test, device, prepared=prepared, report=report, desc=desc)
         metrics["f1_ci95"] = list(f1_interval(pred["score"], pred["defect"], pred["threshold"]))
         row["fused"] = metrics
         plot_roc_confusion(pred["score"], pred["defect"], pred["threshold"], pred["klass"],
                            pred["class_prob"].argmax(1), fused.config.class_names, plots_dir / f"composite_s{seed}",
                            f"composite fused, seed {seed}")
         if torch.device(device).type == "cuda":  # the service scores under bf16 autocast: its effect, same units
-            row["fused_fp32"] = evaluate_units(fused, test, device, prepared=prepared, amp=False)[0]
+            row["fused_fp32"] = evaluate_units(fused, test, device, prepared=prepared, amp=False, report=report,
+                                               desc=f"{desc} fp32")[0]
         for m in MODALITIES:  # the fused model with one modality removed at test time (masked out)
-            row[f"fused_without_{m}"] = evaluate_units(fused, test, device, prepared=prepared, hide=(m,))[0]
-        row.update(_composite_baselines(root, seed, data, device))
+            row[f"fused_without_{m}"] = evaluate_units(fused, test, device, prepared=prepared, hide=(m,),
+                                                       report=report, desc=f"{desc} without {m}")[0]
+        row.update(_composite_baselines(root, seed, data, device, report))
         row["margin_vs_best"] = row["fused"]["f1"] - max(row["baselines"][b]["f1"] for b in row["baselines"])
         runs.append(row)
     mean = lambda path: float(np.mean([_get(r, path) for r in runs]))  # noqa: E731
@@ -483,7 +496,7 @@ def _evaluate_composite(store_root, seeds, *, device, results_dir, plots_dir, no
     return write_result("composite", summary, {"runs": runs}, results_dir)
 
 
-def _composite_baselines(root: Path, seed: int, data: BenchData, device: str) -> dict:
+def _composite_baselines(root: Path, seed: int, data: BenchData, device: str, report: Progress) -> dict:
     """Each single-modality model, late fusion and stacking, every threshold chosen on ``data.val``."""
     val_defect = np.array([u.label.defect for u in data.val])
     test_defect = np.array([u.label.defect for u in data.test])
@@ -494,8 +507,10 @@ def _composite_baselines(root: Path, seed: int, data: BenchData, device: str) ->
         v = _calibrated_versions(store, [seed])[seed]
         model = model_from_version(v, store)
         others = [x for x in MODALITIES if x != m]
-        p_val = predict_units(model, [u.without(*others) for u in data.val], device)
-        p_test = predict_units(model, [u.without(*others) for u in data.test], device)
+        p_val = predict_units(model, [u.without(*others) for u in data.val], device, report=report,
+                              desc=f"composite seed {seed} {m} only, validation")
+        p_test = predict_units(model, [u.without(*others) for u in data.test], device, report=report,
+                               desc=f"composite seed {seed} {m} only, test")
         threshold = choose_threshold(p_val["score"], val_defect, "max_f1")
         baselines[f"{m}_only"] = {**binary_metrics(p_test["score"], test_defect, threshold), "threshold": threshold}
         versions[m] = v.version

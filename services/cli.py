@@ -9,13 +9,14 @@ Commands::
     inspection data info|fetch|export data set sizes and licences; fetch the bearing recordings; export bundled data
                                       as Parquet history or an image folder (docs/own-data.md)
     inspection serve --config F       the stream service: join, score, explain, decide (docs/service.md)
-    inspection demo                   broker -> topics -> produce -> serve -> decisions, on real data
+    inspection demo                   train (once) -> broker -> serve with reports -> decisions, dead letters,
+                                      re-scoring, summary, on real data (services/demo.py)
     inspection explain --history H    explanation reports (JSON + HTML) of archived units, and an index
     inspection report --from DIR      index page and global view over explanation reports
     inspection adapt --from VERSION   train a line's LoRA adapter on a frozen base version (docs/adapters.md)
     inspection adapters list|promote|rollback   per-line adapter versions of a model store
 
-Exit codes: 0 success, 1 a check failed (e.g. the demo read back something else), 2 invalid input or an
+Exit codes: 0 success, 1 a check failed (e.g. a demo check: the failed checks are named), 2 invalid input or an
 error the message explains, 130 interrupted.
 """
 
@@ -31,7 +32,6 @@ import signal
 import sys
 import textwrap
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -44,6 +44,22 @@ log = logging.getLogger("inspection.cli")
 
 
 # ----------------------------------------------------------------------------------------------- shared
+def _add_models_dir(p: argparse.ArgumentParser) -> None:
+    """``--models-dir``: the folder holding one model store per family (``<dir>/<bench>``, ``<dir>/<name>``), for
+    the commands that pick the family themselves. ``--store`` names one model store in every command, so here it is
+    refused with a pointer to ``--models-dir``."""
+    p.add_argument("--models-dir", default="models", metavar="DIR",
+                   help="folder of the model stores, one per family: <DIR>/<bench>, <DIR>/<name> (default models)")
+    p.add_argument("--store", dest="store_given", help=argparse.SUPPRESS)
+
+
+def _check_models_dir(args: argparse.Namespace) -> None:
+    if getattr(args, "store_given", None) is not None:
+        raise ConfigError(f"`inspection {args.command}` takes --models-dir (the folder of the model stores, one per "
+                          f"family: --models-dir {args.store_given}); --store names a single "
+                          "model store, as in serve, rescore, audit and models")
+
+
 def _add_kafka_args(p: argparse.ArgumentParser, *, prefix: bool = True) -> None:
     p.add_argument("--bootstrap", default=os.environ.get("INSPECTION_BOOTSTRAP"),
                    help="Kafka bootstrap servers host:port[,host:port] (default: $INSPECTION_BOOTSTRAP)")
@@ -309,178 +325,16 @@ def cmd_data_export(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from inspection.data.composite import CompositeBuilder, CompositeConfig
-    from inspection.data.history import ArchivedUnit, write_history
-    from services.broker import EmbeddedBroker, TopicNames, create_topics
-    from services.clients import make_consumer, make_producer, wait_for_assignment
-    from services.demo_model import ensure_demo_model
-    from services.publish import publish_units
-    from services.readback import assemble_units, decode_record, drain
-    from services.serve import StreamService
-    from services.service_config import ServiceConfig
+    """``inspection demo`` (:mod:`services.demo`): the summary as JSON on stdout, in words on stderr."""
+    from services.demo import DemoOptions, run_demo
 
-    if args.units < 1:
-        raise ConfigError(f"--units must be >= 1; got {args.units}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
-    store = Path(args.store)
-    from inspection.store import ModelStore
-
-    promoted = ModelStore(store, create=True).promoted()  # the demo trains into a new store
-    if promoted is None or not promoted.card.get("threshold_version"):
-        print(f"[demo] no calibrated model in {store}: training the small demo model on CPU (about a minute on "
-              "2 cores; once)", file=sys.stderr)
-    version = ensure_demo_model(store, run_dir=out / "demo-model")
-    model_s = time.monotonic() - t_start
-    builder = CompositeBuilder(CompositeConfig(seed=args.seed))
-    units = builder.units("test", args.units)
-    truth = Counter(u.label.defect_class for u in units)
-    print(f"[demo] {len(units)} composite units (real ELPV image + real bearing window + "
-          f"{'real SKAB' if builder.temperature_source == 'skab' else 'synthetic'} temperature window); "
-          f"ground truth: {dict(truth)}; model {version.version} from {store}", file=sys.stderr)
-    with EmbeddedBroker(log_path=out / "broker.log") as broker:
-        topics = TopicNames()
-        create_topics(broker.bootstrap, topics, partitions=args.partitions)
-        print(f"[demo] broker {broker.bootstrap}, topics {', '.join(topics.all)}", file=sys.stderr)
-        config = ServiceConfig.from_mapping({
-            "model": {"store": str(store), "device": "cpu", "reload_interval_s": 0},
-            # the units are published far faster than their event times (10 s apart) advance: a replay
-            "join": {"timeout_s": 30.0, "watermark_lag_s": 600.0},
-            "metrics": {"port": args.page_port},
-            "kafka": {"group_id": f"demo-serve-{uuid.uuid4().hex[:8]}", "commit_interval_ms": 500},
-            "archive": {"path": str(out / "archive"), "rotate_units": 1000, "rotate_s": 600},
-            "run_dir": str(out),
-            # --serve-page: explanation reports of the defects, so the page links each one to its report
-            **({"reports": {"dir": str(out / "reports"), "units": "defects"}} if args.serve_page else {}),
-        })
-        service = StreamService(config, broker.bootstrap, instance_id="demo")
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            try:
-                service.run()
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                failure.append(exc)
-
-        server = threading.Thread(target=serve, name="serve", daemon=True)
-        server.start()
-        consumer = make_consumer(topics.inputs, broker.bootstrap, f"demo-{uuid.uuid4().hex[:8]}")
-        decisions_reader = make_consumer([topics.decisions], broker.bootstrap, f"demo-read-{uuid.uuid4().hex[:8]}")
-        try:
-            assigned = wait_for_assignment(consumer, timeout_s=60)
-            wait_for_assignment(decisions_reader, timeout_s=60)
-            if not service.wait_ready(120):
-                raise InspectionError(f"the stream service did not start: {failure[0] if failure else 'timeout'}")
-            page_url = service.summary()["operator_page"]
-            print(f"[demo] serving with metrics on http://127.0.0.1:{service.metrics_port}/metrics; live operator "
-                  f"page on {page_url}", file=sys.stderr)
-            producer = make_producer(broker.bootstrap)
-            try:
-                with _progress(len(units), "produce") as bar:
-                    report = publish_units(producer, units, topics, rate=args.rate, on_unit=lambda _: bar.update(1))
-            finally:
-                producer.close(timeout=10)
-            t_consume = time.monotonic()
-            received = [decode_record(r, topics) for r in drain(consumer, max_messages=report.messages,
-                                                                idle_timeout_s=15)]
-            consume_s = time.monotonic() - t_consume
-            records = []
-            with _progress(len(units), "decisions") as bar:
-                for record in drain(decisions_reader, max_messages=len(units), idle_timeout_s=60):
-                    records.append(record)
-                    bar.update(1)
-            if args.serve_page:
-                _hold_page(page_url)
-        finally:
-            consumer.close(autocommit=False)
-            decisions_reader.close(autocommit=False)
-            service.stop()
-            server.join(120)
-        if failure:
-            raise failure[0]
-        if broker.panicked():
-            print("[demo] the broker log reports a panic", file=sys.stderr)
-            return 1
-    back = assemble_units(received)
-    identical = sum(1 for u in units if u.unit_id in back and back[u.unit_id].readings == u.readings)
-    rejected = Counter(r.error.reason.value for r in received if r.error is not None)
-    by_topic = Counter(r.coordinate.topic for r in received)
-    partitions = {m: sorted({r.coordinate.partition for r in received if r.reading and r.reading.modality == m})
-                  for m in MODALITIES}
-    archived = [ArchivedUnit(u, {m: report.coordinates[(u.unit_id, m)] for m in u.present}) for u in units]
-    co_partitioned = sum(1 for a in archived if len({c.partition for c in a.inputs.values()}) == 1)
-    n_hist = write_history(out / "history.parquet", archived)
-    decisions = {d.unit_id: d for d in (Decision.from_json(r.value) for r in records)}
-    summary = {
-        "units_produced": report.units,
-        "messages_sent": dict(report.sent),
-        "messages_received": dict(by_topic),
-        "partitions_seen": partitions,
-        "assigned_partitions": len(assigned),
-        "units_co_partitioned": co_partitioned,
-        "units_read_back_identical": identical,
-        "rejected": dict(rejected),
-        "produce_s": round(report.seconds, 2),
-        "consume_s": round(consume_s, 2),
-        "history": str(out / "history.parquet"),
-        "history_units": n_hist,
-        "temperature_source": builder.temperature_source,
-        "model": {"store": str(store), "version": version.version, "note": version.card.get("note"),
-                  "prepare_s": round(model_s, 1)},
-        **_decision_summary(units, decisions, len(records)),
-        "service": service.summary(),
-        "total_s": round(time.monotonic() - t_start, 2),
-    }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    ok = (identical == co_partitioned == n_hist == len(units) and not rejected
-          and summary["decisions"] == summary["units_decided"] == len(units))
-    print(f"[demo] {'OK' if ok else 'MISMATCH'}: {identical}/{len(units)} units read back byte-identical; "
-          f"{summary['units_decided']}/{len(units)} decided by the stream service (accuracy "
-          f"{summary['accuracy']:.3f}, F1 {summary['f1']:.3f}, p50 latency {summary['latency_ms']['p50']:.0f} ms) "
-          f"through {broker.bootstrap}; decisions summary in {out / 'demo_summary.json'}", file=sys.stderr)
-    return 0 if ok else 1
-
-
-def _hold_page(url: str) -> None:
-    """Block until Ctrl-C or SIGTERM while the demo's service keeps serving its operator page at ``url``."""
-    done = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
-    print(f"[demo] the live operator page stays at {url} (each defect links to its explanation report); "
-          "Ctrl-C ends the demo", file=sys.stderr)
-    try:
-        while not done.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _decision_summary(units: list[Unit], decisions: dict[str, Decision], records: int) -> dict:
-    """Decisions against the composite units' ground truth: counts, accuracy, F1, blame, latency."""
-    import numpy as np
-
-    decided = [u for u in units if u.unit_id in decisions]
-    truth = np.array([u.label.defect for u in decided], bool)
-    said = np.array([decisions[u.unit_id].decision == "defect" for u in decided], bool)
-    tp, fp, fn = int((said & truth).sum()), int((said & ~truth).sum()), int((~said & truth).sum())
-    blamed = [u for u in decided if u.label.defect and decisions[u.unit_id].decision == "defect"]
-    top_right = sum(1 for u in blamed
-                    if max(decisions[u.unit_id].attributions["modality"].items(), key=lambda kv: kv[1])[0]
-                    in u.label.culprits)
-    latency = np.array([decisions[u.unit_id].latency_ms for u in decided]) if decided else np.zeros(1)
-    return {
-        "decisions": records,
-        "units_decided": len(decided),
-        "decision_counts": dict(Counter(decisions[u.unit_id].decision for u in decided)),
-        "units_with_missing_modalities": sum(1 for u in decided if decisions[u.unit_id].missing),
-        "accuracy": float((said == truth).mean()) if decided else 0.0,
-        "f1": tp / (tp + 0.5 * (fp + fn)) if tp + fp + fn else 1.0,
-        "top_modality_is_a_culprit": {"defects_found": len(blamed), "top_modality_right": top_right},
-        "latency_ms": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))},
-    }
+    options = DemoOptions(units=args.units, seed=args.seed, rate=args.rate, partitions=args.partitions,
+                          out=Path(args.out), store=Path(args.store) if args.store else None, preset=args.preset,
+                          missing=args.missing, malformed=args.malformed, keep_running=args.keep_running,
+                          page_port=args.page_port)
+    result = run_demo(options)
+    print(json.dumps(result.summary, indent=2))
+    return result.exit_code
 
 
 # ----------------------------------------------------------------------------------------------- serve
@@ -540,6 +394,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from inspection.experiments import train_bench
     from inspection.training import TrainConfig
 
+    _check_models_dir(args)
     if args.bench == "skab":
         raise ConfigError("SKAB uses its normal-only per-file protocol: run `inspection evaluate --bench skab`")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
@@ -568,7 +423,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for fold in folds:
             version = train_bench(args.bench, seed, dataclasses.replace(
                                       cfg, seed=seed if args.train_seed is None else args.train_seed),
-                                  store_root=args.store, out_root=args.out, modalities=modalities, dim=args.dim,
+                                  store_root=args.models_dir, out_root=args.out, modalities=modalities, dim=args.dim,
                                   image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
                                   progress=args.progress,
                                   overrides=args.model_set, val_fraction=args.val_fraction,
@@ -593,7 +448,7 @@ def _train_data(args: argparse.Namespace, cfg) -> int:
     fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
     spec = resolve_data(args.data, labels=args.labels, line=args.line, val_fraction=fraction,
                         allow_mixed_rates=args.allow_mixed_rates)
-    version, data = train_data(spec, cfg, store_root=args.store, out_root=args.out, name=args.name, dim=args.dim,
+    version, data = train_data(spec, cfg, store_root=args.models_dir, out_root=args.out, name=args.name, dim=args.dim,
                                image_size=args.image_size, moe=not args.no_moe, resume=args.resume,
                                progress=args.progress, overrides=args.model_set,
                                keep=_keep(args, [args.seed]))
@@ -627,7 +482,7 @@ def _train_normal_only(args: argparse.Namespace) -> int:
                                           ("--val-fraction", args.val_fraction is not None)) if value]
         if given:
             raise ConfigError(f"{', '.join(given)} apply to --data (a plant's own data), not to --bench")
-        for version in train_normal_bench(args.bench, args.seed, store_root=args.store, fold=args.fold,
+        for version in train_normal_bench(args.bench, args.seed, store_root=args.models_dir, fold=args.fold,
                                           target_far=far, image_size=args.image_size, device=device,
                                           keep=_keep(args, [args.seed])):
             card = version.card
@@ -644,7 +499,7 @@ def _train_normal_only(args: argparse.Namespace) -> int:
     fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
     spec = resolve_data(args.data, labels=args.labels, line=args.line, val_fraction=fraction,
                         allow_mixed_rates=args.allow_mixed_rates, mode="normal-only")
-    version, data = train_normal_data(spec, store_root=args.store, name=args.name, image_size=args.image_size,
+    version, data = train_normal_data(spec, store_root=args.models_dir, name=args.name, image_size=args.image_size,
                                       target_far=far, device=device, keep=_keep(args, [args.seed]))
     card = version.card
     print(json.dumps({"data": args.data, "kind": spec.kind, "files": len(spec.paths), "labels": spec.labels,
@@ -669,6 +524,7 @@ def _folds(bench: str, fold: int | None) -> list[int | None]:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from inspection.experiments import calibrate_version, family
 
+    _check_models_dir(args)
     if args.name is not None:  # a store family by name, e.g. a model trained on own data (train --data)
         if args.modalities or args.all_baselines:
             raise ConfigError("--modalities and --all-baselines apply to --bench, not to --name")
@@ -682,10 +538,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from inspection.store import ModelStore
 
     for name in names:
-        store = ModelStore(Path(args.store) / name)
+        store = ModelStore(Path(args.models_dir) / name)
         targets = [args.version] if args.version else _uncalibrated_latest(store, args.seeds)
         for version in targets:
-            v = calibrate_version(args.store, name, version, method=args.method or "max_f1", target_far=args.target_far,
+            v = calibrate_version(args.models_dir, name, version, method=args.method or "max_f1", target_far=args.target_far,
                                   device=args.device, threshold=args.threshold, keep=_keep(args, args.seeds),
                                   progress=args.progress, data_path=args.data, labels_path=args.labels)
             print(json.dumps({"model": name, "from": version, "version": v.version,
@@ -701,7 +557,7 @@ def _calibrate_normal_only(args: argparse.Namespace) -> bool:
     from inspection.own_training import calibrate_normal_data
     from inspection.store import ModelStore
 
-    store = ModelStore(Path(args.store) / args.name)
+    store = ModelStore(Path(args.models_dir) / args.name)
     base = store.get(args.version) if args.version else store.promoted()
     if base is None or base.card.get("mode") != "normal-only":
         return False
@@ -769,6 +625,7 @@ def _uncalibrated_latest(store, seeds) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    _check_models_dir(args)
     if args.mode == "normal-only":
         return _evaluate_normal_only(args)
     if args.bench == "skab":
@@ -780,9 +637,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from inspection.experiments import evaluate_bench
         from inspection.store import ModelStore
 
-        ModelStore(Path(args.store) / args.bench).versions()  # a missing store is named before anything is written
-        path = evaluate_bench(args.bench, args.store, args.seeds or [0], device=args.device, tta=args.tta,
-                              results_dir=args.results, plots_dir=args.plots, note=args.note)
+        ModelStore(Path(args.models_dir) / args.bench).versions()  # a missing store is named before anything is written
+        path = evaluate_bench(args.bench, args.models_dir, args.seeds or [0], device=args.device, tta=args.tta,
+                              results_dir=args.results, plots_dir=args.plots, note=args.note, progress=args.progress)
     print(json.dumps(json.loads(Path(path).read_text())["summary"], indent=1))
     return 0
 
@@ -796,7 +653,7 @@ def _evaluate_normal_only(args: argparse.Namespace) -> int:
         raise ConfigError("SKAB's normal-only protocol is `inspection evaluate --bench skab` (without --mode)")
     if args.tta or (args.seeds and len(args.seeds) > 1):
         raise ConfigError("--mode normal-only evaluates one seed (--seeds S) without --tta")
-    path = evaluate_normal_bench(args.bench, args.store, args.seeds[0] if args.seeds else 0,
+    path = evaluate_normal_bench(args.bench, args.models_dir, args.seeds[0] if args.seeds else 0,
                                  results_dir=args.results, device=args.device)
     result = json.loads(Path(path).read_text())["benches"][args.bench]
     keys = ("auroc", "f1", "far", "recall", "calibration_far", "threshold", "target_far", "n_fit", "n_calibration",
@@ -808,9 +665,10 @@ def _evaluate_normal_only(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from explain.report import explain_to_reports, write_index
+    from explain.report import write_index
     from inspection.data.history import read_history
     from inspection.store import ModelStore
+    from services.reports import explain_served_units
     from services.scoring import load_serving_model, resolve_device
 
     serving = load_serving_model(ModelStore(args.store), args.model, resolve_device(args.device))
@@ -830,22 +688,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise ConfigError(f"{len(missing)} unit id(s) are not in {args.history}, e.g. {missing[:5]}")
     if not units:
         raise ConfigError(f"{args.history} holds no units to explain")
-    written = explain_to_reports(serving.model, units, args.out, level=args.level, budget=args.budget,
-                                 seed=args.seed, model_version=serving.version,
-                                 threshold_version=serving.threshold_version)
+    # each unit with its line's promoted adapter in place, where the version has one (docs/adapters.md)
+    written = explain_served_units(serving, units, args.out, level=args.level, budget=args.budget, seed=args.seed)
     index, overview = write_index(args.out, written, period=args.period)
+    adapters = {line: a.version for line, a in serving.adapters.lines.items()} if serving.adapters else {}
     print(json.dumps({"reports": len(written), "out": str(args.out), "index": str(index), "global": str(overview),
-                      "model_version": serving.version, "level": args.level}))
+                      "model_version": serving.version, "adapters": adapters, "level": args.level}))
     return 0
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
     from inspection.store import ModelStore
-    from services.rescore import rescore_local
+    from services.rescore import rescore_local, write_run
     from services.scoring import load_serving_model, resolve_device
 
     store = ModelStore(args.store, create=False)
     device = resolve_device(args.device)
+    adapters = {} if args.no_adapters else None  # None: each side's promoted line adapters
     expected = tuple(args.expected.split(",")) if args.expected else MODALITIES
     unknown = sorted(set(expected) - set(MODALITIES))
     if unknown:
@@ -864,7 +723,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
             raise StoreError(f"no version of the model store {store.root} is promoted; name one with --model")
         model = entry.version
     else:
-        model = load_serving_model(store, args.model, device, args.precision)
+        model = load_serving_model(store, args.model, device, args.precision, adapters)
         if args.explain == 2:
             from explain.api import minimum_budget
             from services.reports import StreamReporter
@@ -882,7 +741,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
             return rescore_ray(args.history, args.store, model, args.out, address=args.address,
                                workers=args.workers, device=device.type, precision=args.precision,
-                               expected=expected)
+                               expected=expected, adapters=adapters)
         return rescore_local(args.history, model, args.out, batch_size=args.batch_size, expected=expected,
                              progress=not args.no_progress, reporter=reports)
 
@@ -895,8 +754,11 @@ def cmd_rescore(args: argparse.Namespace) -> int:
         from services.rescore import history_files, read_decisions, recorded_decisions
 
         if args.compare:
-            run(args.compare if args.engine == "ray" else load_serving_model(store, args.compare, device,
-                                                                              args.precision))
+            other = run(args.compare if args.engine == "ray" else load_serving_model(store, args.compare, device,
+                                                                                      args.precision, adapters))
+            result.compare = other.side()  # which adapters the other side used, line by line
+            write_run(result)  # run.json states this run, with the other side beside it
+            summary["compare"] = result.compare
             old = read_decisions(args.out, model_version=args.compare)
         else:
             old = recorded_decisions(args.decisions)
@@ -1129,17 +991,32 @@ def build_parser() -> argparse.ArgumentParser:
                          "they exit; SIGTERM stops all); worker i serves /metrics on metrics.port + i")
     se.set_defaults(func=cmd_serve)
 
-    de = sub.add_parser("demo", help="embedded broker -> real composite units -> stream service -> decisions")
-    de.add_argument("--units", type=int, default=200)
+    de = sub.add_parser("demo", help="embedded broker -> real composite units -> stream service -> explained "
+                                     "decisions, dead letters, re-scoring and a summary",
+                        description="Train the demo model and its single-modality baselines if the store has none, "
+                                    "stream the composite test units (some missing a modality, a few malformed) "
+                                    "through the stream service with explanation reports and the live operator "
+                                    "page, re-score its archive, and summarise. Exit code 0: every check passed; "
+                                    "1: a check failed (named); 2: invalid input.")
+    de.add_argument("--units", type=int, default=200, help="composite test units to produce")
     de.add_argument("--seed", type=int, default=0)
-    de.add_argument("--rate", type=float, default=0.0)
+    de.add_argument("--rate", type=float, default=4.0, help="units per second to publish (0: as fast as possible)")
     de.add_argument("--partitions", type=int, default=3)
-    de.add_argument("--out", default="runs/demo", help="output folder (broker log, history, summary)")
-    de.add_argument("--store", default="models/demo",
-                    help="model store; without a calibrated model there, a small one is trained on CPU first")
-    de.add_argument("--serve-page", action="store_true",
-                    help="write explanation reports of the defects and keep the service and its live operator "
-                         "page running after the demo until Ctrl-C (with --rate, watch decisions arrive)")
+    de.add_argument("--out", default="runs/demo", help="output folder (reports, archive, re-scoring, Parquet "
+                                                        "decisions, summary, broker log)")
+    de.add_argument("--preset", default="standard", choices=["standard", "fast"],
+                    help="the model trained when the store has none: standard (the demo's, a few minutes on 2 "
+                         "cores) or fast (seconds, a weak model for tests)")
+    de.add_argument("--store", help="model store (default models/demo-<preset>); without a calibrated model there, "
+                                    "one of the preset is trained on CPU first, its baselines beside it")
+    de.add_argument("--missing", type=float, default=0.05,
+                    help="share of units sent without one modality (seeded)")
+    de.add_argument("--malformed", type=int, default=3,
+                    help="units that each send one malformed reading (a truncated image, a bad ce_time header, a "
+                         "NaN sample, in turn) which the service dead-letters")
+    de.add_argument("--keep-running", "--serve-page", dest="keep_running", action="store_true",
+                    help="keep the broker, the service and its live operator page up after the summary until "
+                         "Ctrl-C (--serve-page is the older name)")
     de.add_argument("--page-port", type=int, default=0,
                     help="port of the operator page, /metrics and the probes on 127.0.0.1 (0: a free one, printed)")
     de.set_defaults(func=cmd_demo)
@@ -1153,7 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--labels", help="--data: labels file (CSV or Parquet: unit_id, label[, class][, culprits]); it "
                                      "overrides the history's label of every unit it names")
     tr.add_argument("--line", help="--data: keep only this line's units (history) or set their line id (folder)")
-    tr.add_argument("--name", help="--data: model name, the store family <store>/<name> (default line-<line>)")
+    tr.add_argument("--name", help="--data: model name, the store family <models-dir>/<name> (default line-<line>)")
     tr.add_argument("--mode", choices=["supervised", "normal-only"], default="supervised",
                     help="supervised trains on labels; normal-only fits a deviation detector on good units only "
                          "and saves it calibrated at --target-far (docs/own-data.md)")
@@ -1163,7 +1040,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--allow-mixed-rates", action="store_true",
                     help="--data: accept vibration at several sample rates when each is at least 40 kHz")
     tr.add_argument("--seed", type=int, default=0, help="split and training seed")
-    tr.add_argument("--seeds", type=int, nargs="*", help="train one model per seed (overrides --seed)")
+    tr.add_argument("--seeds", type=int, nargs="*", help="the split seeds: train one model per seed (overrides --seed)")
     tr.add_argument("--train-seed", type=int,
                     help="training seed, when it differs from the split seed (repeat runs on one split)")
     tr.add_argument("--fold", type=int, help="bearings: train this cross-validation fold only (default: every fold)")
@@ -1194,7 +1071,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train the defect score towards each label's graded severity (ELPV: the experts' defect "
                          "probability) instead of 0/1")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    tr.add_argument("--store", default="models", help="model store root")
+    _add_models_dir(tr)
     tr.add_argument("--out", default="runs", help="run folder root (checkpoints, curves)")
     tr.add_argument("--resume", action="store_true",
                     help="continue from the run folder's last checkpoint (an error when it has none)")
@@ -1206,20 +1083,20 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("calibrate", help="choose per-line thresholds on validation data; saves a new version")
     target = ca.add_mutually_exclusive_group(required=True)
     target.add_argument("--bench", choices=bench_choices)
-    target.add_argument("--name", help="the store family <store>/<name>, e.g. a model of `train --data`")
+    target.add_argument("--name", help="the store family <models-dir>/<name>, e.g. a model of `train --data`")
     ca.add_argument("--data", help="--name of a model trained on own data: where its data is now, if it moved")
     ca.add_argument("--labels", help="--name of a model trained on own data: where its labels file is now")
     ca.add_argument("--modalities")
     ca.add_argument("--all-baselines", action="store_true", help="composite: also the single-modality models")
     ca.add_argument("--version", help="the version to calibrate (default: newest uncalibrated per seed / promoted)")
-    ca.add_argument("--seeds", type=int, nargs="*")
+    ca.add_argument("--seeds", type=int, nargs="*", help="the split seeds whose models to calibrate (default 0)")
     ca.add_argument("--method", choices=["max_f1", "far", "max_accuracy", "fixed"],
                     help="default max_f1; fixed: one given --threshold for every line, no validation data; a "
                          "normal-only version is always calibrated at --target-far")
     ca.add_argument("--threshold", type=float, help="the threshold of --method fixed (a defect probability)")
     ca.add_argument("--target-far", type=float, default=0.01)
-    ca.add_argument("--device", default="cpu")
-    ca.add_argument("--store", default="models")
+    ca.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    _add_models_dir(ca)
     ca.add_argument("--keep", type=int, help="versions the store keeps (default: one per seed and fold, at least 3)")
     ca.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                     help="progress on stderr: bars on a terminal, one line when done otherwise")
@@ -1230,14 +1107,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mode", choices=["supervised", "normal-only"], default="supervised",
                     help="normal-only: the bench's stored normal-only versions (`train --mode normal-only`), written "
                          "to <results>/normal_only.json beside the supervised <results>/<bench>.json")
-    ev.add_argument("--seeds", type=int, nargs="*")
+    ev.add_argument("--seeds", type=int, nargs="*", help="the split seeds whose models to evaluate (default 0)")
     ev.add_argument("--tta", action="store_true", help="average 8 views of each image (4 rotations, each also mirrored)")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--store", default="models")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    _add_models_dir(ev)
     ev.add_argument("--results", default="runs/results",
                     help="folder of the result file <bench>.json (default runs/results; the benchmark record this "
                          "project publishes is bench/results, written only when named here)")
     ev.add_argument("--plots", default="runs/plots")
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress on stderr: bars on a terminal, one line per model and stage otherwise")
     ev.add_argument("--note", help="a fact the result must state (recorded in its summary)")
     ev.add_argument("--detector", choices=["slope-t2", "drift"], default="slope-t2",
                     help="skab: slope-t2 (T² on levels + temperature differences, chosen leave-one-folder-out) "
@@ -1289,6 +1168,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: bf16 autocast on CUDA, float32 on CPU (as the stream)")
     rs.add_argument("--compare", metavar="VERSION", help="also re-score with this version and write the change "
                     "report (changes.json, changes.html: flips per line and day, score shift, reliability)")
+    rs.add_argument("--no-adapters", action="store_true",
+                    help="score every line with the base model, without the lines' adapters (both sides with "
+                         "--compare); default: each line with its promoted adapter, as the stream does")
     rs.add_argument("--decisions", type=Path, help="write the change report against these recorded decisions "
                     "instead (a rescore output folder, or decision CloudEvents one JSON per line)")
     rs.add_argument("--explain", type=int, choices=[1, 2], default=1,

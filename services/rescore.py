@@ -21,6 +21,12 @@ written, so an interrupted run leaves no partial partition, and a new run skips 
 for that model version (resume). Memory is bounded: a few batches in flight and one row buffer per open
 partition, whatever the history size.
 
+Line adapters (:mod:`inspection.adapters`): the model's promoted adapter of each line scores that line's units
+(unless the model was loaded with other adapters, e.g. none for ``--no-adapters``), as in the stream; their
+decisions name ``V+<line>:<adapter version>`` and stay in the partitions of ``model_version=V``. ``run.json``
+lists the adapter version each line used. A partition counts as done only when its decisions were made with the
+adapter its line uses now (or with none when it uses none): otherwise it is scored again and replaced.
+
 The local engine overlaps reading and decoding (a thread), scoring (the calling thread) and writing (a
 thread) through bounded queues. The Ray engine (:func:`rescore_ray`) spreads the scoring over Ray Data actors
 that each hold the model, one task per (file, row group), and writes through the same partition writer on the
@@ -53,8 +59,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from inspection.data.history import ArchivedUnit, history_index, iter_history_rows
-from inspection.errors import DataError, InspectionError, RecordError
+from inspection.errors import DataError, InspectionError, RecordError, StoreError
 from inspection.records import MODALITIES, Decision
+from inspection.store import ADAPTERS_DIR
 from services.join import JoinedUnit
 from services.scoring import ServingModel, batch_buckets, score_units
 
@@ -163,7 +170,8 @@ def decision_row(decision: Decision, source_file: str, source_row: int) -> dict:
 
 
 def read_decisions(path: str | Path, *, model_version: str | None = None) -> Iterator[Decision]:
-    """Decisions from a re-scoring output folder (or one of its Parquet files), optionally of one model version.
+    """Decisions from a re-scoring output folder (or one of its Parquet files), optionally of one model version:
+    base version ``V`` gives its decisions with and without line adapters (``V`` and ``V+<line>:<adapter>``).
 
     Raises:
         DataError: nothing readable there, or a file that is not a decisions file.
@@ -184,7 +192,7 @@ def read_decisions(path: str | Path, *, model_version: str | None = None) -> Ite
         raise DataError(f"{target} holds no readable decisions Parquet: {exc}") from exc
     for event, version in zip(table.column("cloudevent").to_pylist(), table.column("model_version").to_pylist(),
                               strict=True):
-        if model_version is None or version == model_version:
+        if model_version is None or version == model_version or version.startswith(f"{model_version}+"):
             yield Decision.from_json(event.encode())
 
 
@@ -234,7 +242,14 @@ class _PartitionWriter:
         self._buffers.pop(key, None)
         final = partition_dir(self.root, self.model_version, key)
         final.parent.mkdir(parents=True, exist_ok=True)
+        stale = None
+        if final.exists():  # written before with another adapter of its line (or without): replaced
+            stale = self.partial / "_replaced" / f"line_id={key[0]}" / f"day={key[1]}"
+            stale.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(final, stale)
         os.replace(self._tmp_dir(key), final)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
         self.finished.append(key)
 
     def close(self, complete: bool) -> None:
@@ -271,6 +286,10 @@ class RescoreResult:
     #: cluster of several hosts this assumes their clocks agree)
     started_wall: float = 0.0
     scoring_started_s: float | None = None
+    #: line -> the adapter version that scored its units (empty: the base scored every line)
+    adapters: dict[str, str] = field(default_factory=dict)
+    #: with ``rescore --compare``: the other side's model_version, threshold_version and adapters
+    compare: dict | None = None
 
     @property
     def units_per_s(self) -> float:
@@ -287,7 +306,7 @@ class RescoreResult:
     def to_dict(self) -> dict:
         return {
             "schema": RUN_SCHEMA, "engine": self.engine, "config": self.config, "out": str(self.out),
-            "model_version": self.model_version,
+            "model_version": self.model_version, "adapters": dict(self.adapters),
             "threshold_version": self.threshold_version, "history_files": self.files,
             "unreadable_files": self.unreadable_files,
             "units_in_history": self.units_in_history, "decided": self.decided, "skipped_done": self.skipped_done,
@@ -300,7 +319,20 @@ class RescoreResult:
             "seconds_to_scoring": None if self.scoring_started_s is None else round(self.scoring_started_s, 3),
             "units_per_s_scoring": (None if self.units_per_s_scoring is None
                                     else round(self.units_per_s_scoring, 2)),
+            **({"compare": self.compare} if self.compare is not None else {}),
         }
+
+    def side(self) -> dict:
+        """What scored this run: ``model_version``, ``threshold_version`` and ``adapters`` (line -> version)."""
+        return {"model_version": self.model_version, "threshold_version": self.threshold_version,
+                "adapters": dict(self.adapters)}
+
+
+def write_run(result: RescoreResult) -> Path:
+    """(Re)write ``run.json`` of a run from its result; returns its path."""
+    path = Path(result.out) / "run.json"
+    _write_json(path, result.to_dict())
+    return path
 
 
 @dataclass
@@ -350,23 +382,46 @@ def joined_from_archive(archived: ArchivedUnit, expected: Sequence[str]) -> Join
                       0.0)
 
 
+def _written_with(folder: Path, model_version: str) -> bool:
+    """Whether every decision of a finished partition names ``model_version`` (an empty one: yes)."""
+    try:
+        found = {v for f in folder.glob("*.parquet")
+                 for v in pq.read_table(f, columns=["model_version"]).column("model_version").to_pylist()}
+    except (pa.ArrowException, OSError):
+        return False
+    return found <= {model_version}
+
+
 def _start_run(history: str | Path | Sequence[str | Path], out: str | Path, version: str, threshold_version: str,
-               config: dict) -> tuple[Path, list[Path], list, set, RescoreResult, _PartitionWriter]:
+               config: dict, adapters: dict[str, str] | None = None
+               ) -> tuple[Path, list[Path], list, set, RescoreResult, _PartitionWriter]:
     """What both engines do first: plan the partitions from the history's header columns, find the ones this
-    model version already has in ``out`` (skipped), remove what an interrupted run left half done, and open the
-    run's result and partition writer. Returns (out folder, files, per-file row keys, finished keys, result,
-    writer)."""
+    model version already has in ``out`` with the same adapter of their line (``adapters``: line -> version;
+    skipped), remove what an interrupted run left half done, and open the run's result and partition writer.
+    Returns (out folder, files, per-file row keys, finished keys, result, writer)."""
+    from inspection.adapters import adapted_version
+
+    adapters = dict(adapters or {})
     wall0 = time.time()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     files, keys, planned, unreadable = plan(history_files(history))
-    done = {k for k in planned if partition_dir(root, version, k).is_dir()}
+    done = set()
+    for k in planned:
+        folder = partition_dir(root, version, k)
+        if folder.is_dir():
+            used = adapted_version(version, k[0], adapters[k[0]]) if k[0] in adapters else version
+            if _written_with(folder, used):
+                done.add(k)
+            else:
+                log.info("partition %s was written with another adapter of line %s than %s: scoring it again",
+                         folder, k[0], used)
     base = root / "decisions" / f"model_version={version}"
     if base.is_dir():
         for stale in base.glob(f"{_PARTIAL}*"):  # left by an interrupted run
             shutil.rmtree(stale, ignore_errors=True)
     result = RescoreResult(root, version, threshold_version, [str(f) for f in files], engine=config["engine"],
-                           config=config, started_wall=wall0)
+                           config=config, started_wall=wall0, adapters=adapters)
     result.rejected.extend(unreadable)
     result.unreadable_files = [r.file for r in unreadable]
     result.units_in_history = sum(len(k) for k in keys)
@@ -415,8 +470,9 @@ def rescore_local(history: str | Path | Sequence[str | Path], serving: ServingMo
               "explain_level": 2 if reporter is not None else 1,
               **({"reports": {"dir": str(reporter.dir), "units": reporter.units, "budget": reporter.budget,
                               "seed": reporter.seed}} if reporter is not None else {})}
+    used = {line: a.version for line, a in serving.adapters.lines.items()} if serving.adapters is not None else {}
     root, files, keys, done, result, writer = _start_run(history, out, serving.version, serving.threshold_version,
-                                                         config)
+                                                         config, used)
 
     batches: queue.Queue = queue.Queue(maxsize=4)
     writes: queue.Queue = queue.Queue(maxsize=8)
@@ -573,7 +629,7 @@ def _reports(serving: ServingModel, reporter: Any, good: list[tuple[_Item, Joine
         dead = [m for m in j.unit.present if m not in s.decision.present]
         pairs.append((j.unit.without(*dead) if dead else j.unit, s.decision))
     with serving.autocast():
-        return reporter.write(serving.model, pairs, [s for _, s in chosen])
+        return reporter.write(serving.model, pairs, [s for _, s in chosen], adapters=serving.adapters)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -642,17 +698,21 @@ class AuditResult:
     def matches(self) -> bool:
         r = self.recorded
         return r is not None and r.decision == self.rescored.decision and \
+            r.model_version == self.rescored.model_version and \
             r.threshold_version == self.rescored.threshold_version and r.threshold == self.rescored.threshold and \
             abs(self.rescored.score - r.score) <= self.tolerance and self.routing_matches is not False
 
     def to_dict(self) -> dict:
         r = self.recorded
+        base, line, adapter = _split_version(self.model_version, self.decision_id)
         return {
             "decision_id": self.decision_id, "unit_id": self.unit_id, "model_version": self.model_version,
+            "base_version": base, "adapter": None if line is None else {"line": line, "version": adapter},
             "history": {"file": self.history_file, "row": self.history_row},
             "recorded": None if r is None else {"decision": r.decision, "score": r.score, "threshold": r.threshold,
                                                 "threshold_version": r.threshold_version},
             "rescored": {"decision": self.rescored.decision, "score": self.rescored.score,
+                         "model_version": self.rescored.model_version,
                          "threshold": self.rescored.threshold, "threshold_version": self.rescored.threshold_version},
             "score_difference": self.score_difference, "tolerance": self.tolerance,
             "routing_matches": self.routing_matches, "matches": self.matches,
@@ -683,39 +743,56 @@ def audit(decision_id: str, history: str | Path | Sequence[str | Path], store_ro
     coordinates), re-score it with that model version from the store, and compare it with the recorded decision
     (from ``decisions``: a re-scoring output folder or a JSON-lines file of decision CloudEvents).
 
+    A decision made with a line adapter (model version ``V+<line>:<adapter version>``) is re-scored with base
+    version V and exactly that adapter version, whichever adapter of the line is promoted now; a decision of the
+    base alone is re-scored with no adapter, even where its line has one now. Without ``decisions`` every stored
+    base version and every stored adapter version of the unit's line are tried for the id.
+
     Raises:
-        RescoreError: no unit of the history and no version of the store give that id, the model version is
-            missing from the store, or the recorded decision is not in ``decisions``.
+        RescoreError: no unit of the history and no version of the store give that id, the model version or the
+            adapter version is missing from the store or fails its hash check (never scored with something else
+            instead), or the recorded decision is not in ``decisions``.
     """
     from itertools import combinations
 
     import torch
 
+    from inspection.adapters import adapted_version, list_adapters
     from inspection.records import decision_id as make_id
     from inspection.store import ModelStore
     from services.scoring import load_serving_model
 
     store = ModelStore(store_root, create=False)
-    versions = [v.version for v in store.versions()]
+    bases = [v.version for v in store.versions()]
     recorded = None
+    by_line: dict[str, list[str]] = {}  # line -> the model versions its units' decisions may name
     if decisions is not None:
         recorded = next((d for d in recorded_decisions(decisions) if d.id == decision_id), None)
         if recorded is None:
             raise RescoreError(f"decision {decision_id} is not in {decisions}")
-        if recorded.model_version not in versions:
-            raise RescoreError(f"decision {decision_id} was made by model {recorded.model_version}, which the store "
-                               f"{store.root} does not hold (it holds {versions})")
-        versions = [recorded.model_version]
+        base, line, adapter = _split_version(recorded.model_version, decision_id)
+        if base not in bases:
+            raise RescoreError(f"decision {decision_id} was made by model {base}, which the store "
+                               f"{store.root} does not hold (it holds {bases})")
+        if line is not None:
+            _check_adapter(store, base, line, adapter, decision_id)
+        versions: list[str] | None = [recorded.model_version]
+    else:
+        versions = None
+        for e in list_adapters(store):
+            if e.base_version in bases:
+                by_line.setdefault(e.line, []).append(adapted_version(e.base_version, e.line, e.version.version))
     found = None
     for f in history_files(history):
         for row, _, item in iter_history_rows(f):
             if isinstance(item, RecordError) or (recorded is not None and item.unit.unit_id != recorded.unit_id):
                 continue
+            candidates = versions if versions is not None else bases + by_line.get(item.unit.line_id, [])
             present = [m for m in item.unit.present if m in item.inputs]
             for size in range(len(present), 0, -1):
                 for used in combinations(present, size):
                     coords = tuple(item.inputs[m] for m in used)
-                    for version in versions:
+                    for version in candidates:
                         if make_id(item.unit.unit_id, version, coords) == decision_id:
                             found = (f, row, item, version)
                             break
@@ -731,12 +808,62 @@ def audit(decision_id: str, history: str | Path | Sequence[str | Path], store_ro
         raise RescoreError(f"no unit of the history with any model version of {store.root} gives decision id "
                            f"{decision_id}")
     f, row, item, version = found
-    serving = load_serving_model(store, version, torch.device(device))
+    base, line, adapter = _split_version(version, decision_id)
+    if line is not None and recorded is None:
+        _check_adapter(store, base, line, adapter, decision_id)
+    try:  # exactly the adapter the decision names, or none at all
+        serving = load_serving_model(store, base, torch.device(device), adapters={line: adapter} if line else {})
+    except StoreError as exc:
+        if line is None:
+            raise
+        raise RescoreError(f"decision {decision_id} was made with adapter {adapter} of line {line!r} on model "
+                           f"{base}, which cannot be loaded to reproduce it (it is not re-scored without it): "
+                           f"{exc}") from exc
     scored = score_units(serving, [joined_from_archive(item, expected)]).scored[0]
     if scored.decision is None:
         raise RescoreError(f"unit {item.unit.unit_id} could not be scored again: "
                            f"{[d.detail for d in scored.dead]}")
     return AuditResult(decision_id, item.unit.unit_id, version, str(f), row, recorded, scored.decision, tolerance)
+
+
+def _check_adapter(store, base: str, line: str, adapter: str, decision_id: str) -> None:
+    """Refuse, in one line that says what to do, an adapter version a decision names that the store no longer
+    holds or whose weights file does not have the SHA-256 its card records.
+
+    Raises:
+        RescoreError: either of those.
+    """
+    from inspection.adapters import list_adapters
+    from inspection.store import state_dict_sha256
+
+    made = f"decision {decision_id} was made with adapter {adapter} of line {line!r} on model {base}"
+    folder = store.root / ADAPTERS_DIR / base / line
+    held = {e.version.version: e.version for e in list_adapters(store, base, line)}
+    if adapter not in held:
+        raise RescoreError(f"{made}, which the store {store.root} no longer holds (line {line!r} of {base} has "
+                           f"{sorted(held) or 'no adapter'}); restore adapter version {adapter} into {folder} to "
+                           "reproduce this decision")
+    entry = held[adapter]
+    weights = entry.path / str(entry.card.get("weights_file", "weights.safetensors"))
+    try:
+        actual = state_dict_sha256(weights)
+    except StoreError:
+        actual = "unreadable"
+    if actual != entry.sha256:
+        raise RescoreError(f"{made}, whose weights file {weights} fails its SHA-256 check (expected "
+                           f"{entry.sha256[:16]}..., found {actual[:16]}...): it changed after it was saved; restore "
+                           f"adapter version {adapter} from a backup into {folder / adapter} to reproduce this "
+                           "decision")
+
+
+def _split_version(model_version: str, decision_id: str) -> tuple[str, str | None, str | None]:
+    """:func:`inspection.adapters.split_model_version`, its error as a :class:`RescoreError` naming the decision."""
+    from inspection.adapters import split_model_version
+
+    try:
+        return split_model_version(model_version)
+    except StoreError as exc:
+        raise RescoreError(f"decision {decision_id}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------- ray engine
@@ -770,7 +897,7 @@ class _RayScorer:
     """A Ray actor holding the model: scores the history rows of (file, row group) tasks."""
 
     def __init__(self, store_root: str, version: str, device: str, precision: str, expected: list[str],
-                 threads: int) -> None:
+                 threads: int, adapters: dict[str, str] | None = None) -> None:
         import torch
 
         from inspection.store import ModelStore
@@ -778,7 +905,7 @@ class _RayScorer:
 
         torch.set_num_threads(threads)
         self.serving = load_serving_model(ModelStore(store_root, create=False), version, torch.device(device),
-                                          precision)
+                                          precision, adapters)
         self.expected = expected
 
     def __call__(self, batch: dict) -> dict:
@@ -802,9 +929,13 @@ class _RayScorer:
 
 def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Path, version: str, out: str | Path,
                 *, address: str | None = None, workers: int = 2, device: str = "cpu", precision: str = "auto",
-                expected: Sequence[str] = MODALITIES, threads_per_worker: int = 1) -> RescoreResult:
+                expected: Sequence[str] = MODALITIES, threads_per_worker: int = 1,
+                adapters: dict[str, str] | None = None) -> RescoreResult:
     """Re-score history on Ray Data: the same plan, scoring and partition writing as :func:`rescore_local`, with
     the scoring spread over a pool of ``workers`` actors that each hold the model (one GPU each on CUDA).
+
+    ``adapters``: line -> the adapter version every actor loads for it (``{}``: none); None: the adapters promoted
+    when the run starts (read once by the driver, so every actor scores with the same ones).
 
     The driver plans the partitions and turns every (file, row group) into a task; ``map_batches`` runs the
     tasks on the actor pool (in order, so the output is the local engine's); the driver streams the results into
@@ -818,16 +949,19 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
     except ImportError as exc:
         raise RescoreError("the ray engine needs Ray: pip install 'inspection[ray]' (or use --engine local)") from exc
 
+    from inspection.adapters import promoted_adapters
     from inspection.store import ModelStore
 
     t0 = time.monotonic()
-    card = ModelStore(store_root, create=False).get(version).card  # the actors load the model; the driver only
-    if not card.get("threshold_version"):                            # needs what the decisions say about it
+    family = ModelStore(store_root, create=False)
+    card = family.get(version).card  # the actors load the model; the driver needs what decisions say about it
+    if not card.get("threshold_version"):
         raise RescoreError(f"model {version} in {store_root} has no calibrated thresholds; calibrate it first")
+    adapters = promoted_adapters(family, version) if adapters is None else dict(adapters)
     config = {"engine": "ray", "address": address, "workers": workers, "device": device, "precision": precision,
               "expected": list(expected), "threads_per_worker": threads_per_worker}
     root, files, keys, done, result, writer = _start_run(history, out, version, str(card["threshold_version"]),
-                                                         config)
+                                                         config, adapters)
     tasks = []
     for f, per_row in zip(files, keys, strict=True):
         meta = pqm.ParquetFile(f).metadata
@@ -856,7 +990,8 @@ def rescore_ray(history: str | Path | Sequence[str | Path], store_root: str | Pa
         if tasks:
             ds = ray.data.from_items(tasks).map_batches(
                 _RayScorer, batch_size=1, concurrency=workers,
-                fn_constructor_args=(str(store_root), version, device, precision, list(expected), threads_per_worker),
+                fn_constructor_args=(str(store_root), version, device, precision, list(expected), threads_per_worker,
+                                     adapters),
                 **({"num_gpus": 1} if device == "cuda" else {"num_cpus": 1}))
             for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
                 for text in batch["outcome"]:

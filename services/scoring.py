@@ -48,7 +48,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -134,11 +134,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_serving_model(store: ModelStore, version: str | None, device: torch.device,
-                       precision: str = "fp32") -> ServingModel:
+                       precision: str = "fp32", adapters: Mapping[str, str] | None = None) -> ServingModel:
     """Load a version (``None``: the promoted one), verify it and put it on ``device``.
 
     ``precision``: ``fp32``, ``bf16`` (autocast), or ``auto`` (bf16 on CUDA, fp32 elsewhere). On CUDA the
     image backbone runs channels-last (NHWC), which its convolutions are faster in.
+
+    ``adapters``: line -> the adapter version to serve for it, exactly these (``{}``: the base for every line);
+    None: the promoted adapter of every line (:func:`inspection.adapters.load_line_adapters`).
 
     A normal-only version (card ``mode: normal-only``) loads as its detector (see the module docstring); it
     always runs in fp32.
@@ -174,7 +177,7 @@ def load_serving_model(store: ModelStore, version: str | None, device: torch.dev
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     threshold_version = card.get("threshold_version") or _thresholds_digest(model)
-    adapters = load_line_adapters(store, entry, model)  # the promoted adapter of each line, hash-checked
+    adapters = load_line_adapters(store, entry, model, adapters)  # hash-checked, trained on this base
     return ServingModel(model, entry.version, str(threshold_version), device, precision, adapters=adapters)
 
 

@@ -310,6 +310,7 @@ class StreamService:
         self._next_lag = 0.0
         self._heap_frozen = False
         self._failed_version: str | None = None
+        self._failed_adapters: dict[str, str] | None = None  # line -> adapter version a reload refused
         self._sinks = 1 + (1 if config.archive.path else 0)
         self._reporter = None
         if config.reports.enabled:
@@ -1107,7 +1108,8 @@ class StreamService:
         t0 = time.monotonic()
         try:
             with serving.autocast():  # the encoder tokens came from the scoring forward's precision
-                links = self._reporter.write(serving.model, pairs, [s for _, s in chosen])
+                links = self._reporter.write(serving.model, pairs, [s for _, s in chosen],
+                                             adapters=serving.adapters)
         except Exception as exc:  # noqa: BLE001 - a report must never cost a decision
             self.metrics.reports.labels("failed").inc(len(pairs))
             log.error("explanation reports of %d decisions failed (%s: %s); they are sent without a link",
@@ -1141,7 +1143,10 @@ class StreamService:
         except InspectionError as exc:
             log.warning("cannot read the model store %s: %s", self._store.root, exc)
             return
-        if entry is None or entry.version in (self._serving.version, self._failed_version):
+        if entry is not None and entry.version == self._serving.version:
+            self._maybe_reload_adapters()  # the same base: its lines' adapters may have been promoted or rolled back
+            return
+        if entry is None or entry.version == self._failed_version:
             return
         old = self._serving.version
         try:
@@ -1159,6 +1164,45 @@ class StreamService:
             self._drift.reset()
         log.info("model hot-reloaded: %s -> %s (threshold version %s)", old, serving.version,
                  serving.threshold_version)
+
+    def _maybe_reload_adapters(self) -> None:
+        """Swap in the line adapters of the served base version promoted (or rolled back) since they were loaded,
+        between two batches (a set a reload refused is not tried again until the promotions change)."""
+        from inspection.adapters import load_line_adapters, promoted_adapters
+
+        serving = self._serving
+        if serving.normal_only is not None:
+            return
+        current = {line: a.version for line, a in serving.adapters.lines.items()} if serving.adapters else {}
+        try:
+            wanted = promoted_adapters(self._store, serving.version)
+        except InspectionError as exc:
+            log.warning("cannot read the line adapters of %s in %s: %s", serving.version, self._store.root, exc)
+            return
+        if wanted in (current, self._failed_adapters):
+            return
+        try:
+            adapters = load_line_adapters(self._store, self._store.get(serving.version), serving.model, wanted)
+        except InspectionError as exc:
+            self._failed_adapters = wanted
+            self.metrics.reloads.labels("failed").inc()
+            log.error("not switching the line adapters of %s to %s (keeping %s): %s", serving.version, wanted,
+                      current, exc)
+            return
+        self._serving = replace(serving, adapters=adapters)
+        self._failed_adapters = None
+        self.stats.reloads += 1
+        self.metrics.reloads.labels("ok").inc()
+        if self._drift is not None:
+            self._drift.reset()
+        log.info("line adapters of %s hot-reloaded: %s -> %s", serving.version, current, wanted)
+
+    @property
+    def adapter_versions(self) -> dict[str, str]:
+        """Line -> the version of the adapter served for it now (empty: the base serves every line)."""
+        serving = self._serving
+        adapters = serving.adapters if serving is not None else None
+        return {line: a.version for line, a in adapters.lines.items()} if adapters is not None else {}
 
     # ----------------------------------------------------------------------------------------- shutdown
     def _shutdown(self) -> None:

@@ -24,10 +24,13 @@ from inspection.adapters import (
     ADAPTER_KIND,
     AdapterConfig,
     LineAdapters,
+    adapted_version,
     adapter_store,
     list_adapters,
     load_adapter,
+    promoted_adapters,
     save_adapter,
+    split_model_version,
     target_modules,
     train_adapter,
 )
@@ -307,6 +310,56 @@ def test_a_store_without_adapters_serves_as_before(tmp_path, small_model_factory
         want = model(model.batch(units)).score.double().tolist()
     got = [s.decision.score for s in score_units(serving, joined(units)).scored]
     assert got == pytest.approx(want, abs=1e-4)  # the stream's batched preprocessing (see test_scoring.py)
+
+
+def test_one_lines_adapter_applies_to_any_row_count_inside_its_context(base_store, line_units):
+    # explanations run forwards of other shapes than scoring (a few units, k coalition rows of one unit):
+    # LineAdapters.only gives every row of every layer the line's adapter
+    serving = load_serving_model(ModelStore(base_store["root"]), None, torch.device("cpu"))
+    res = base_store["results"]["line-a"]
+    units = line_units("line-a", 900)[:5]
+    adapters = serving.adapters
+    with torch.no_grad():
+        trained = res.model(res.model.batch(units)).score.double()  # the adapter active in its training copy
+        base = base_store["model"](base_store["model"].batch(units)).score.double()
+        with adapters.only("line-a") as adapted:
+            for k in (1, 2, 5):
+                got = adapted.model(adapted.model.batch(units[:k])).score.double()
+                assert torch.allclose(got, trained[:k], atol=MIXED_TOLERANCE, rtol=0), k
+        outside = adapters.model(adapters.model.batch(units)).score.double()  # hooks gone: the base's numbers
+    assert torch.allclose(outside, base, atol=MIXED_TOLERANCE, rtol=0)
+    assert (trained - base).abs().max() > ADAPTER_EFFECT
+    assert adapters.only("line-c") is None
+
+
+def test_model_versions_name_the_adapter_and_split_back():
+    assert adapted_version("m0002-d949b265", "line:b.1", "m0001-c38c3deb") == \
+        "m0002-d949b265+line:b.1:m0001-c38c3deb"
+    assert split_model_version("m0002-d949b265+line:b.1:m0001-c38c3deb") == \
+        ("m0002-d949b265", "line:b.1", "m0001-c38c3deb")
+    assert split_model_version("m0002-d949b265") == ("m0002-d949b265", None, None)
+    for bad in ("m0002-d949b265+", "m0002-d949b265+line-b", "m0002-d949b265+:m0001-c38c3deb", "+line-b:m1",
+                "m0002-d949b265+line-b:"):
+        with pytest.raises(StoreError, match="neither a version id"):
+            split_model_version(bad)
+
+
+def test_exact_adapter_versions_are_served_when_asked_for(base_store, tmp_path):
+    root = copy_store(base_store, tmp_path)
+    family = ModelStore(root)
+    base = base_store["base"]
+    first = load_adapter(family, base, "line-a")[1]["version"]
+    line_b = load_adapter(family, base, "line-b")[1]["version"]
+    res = base_store["results"]["line-a"]
+    second = save_adapter(family, base.version, "line-a", dataclasses.replace(
+        res, calibration=dataclasses.replace(res.calibration, threshold=0.25, version="t-second")), promote=False)
+    assert promoted_adapters(family, base.version) == {"line-a": first, "line-b": line_b}
+    pinned = load_serving_model(family, None, torch.device("cpu"), adapters={"line-a": second.version})
+    assert {line: a.version for line, a in pinned.adapters.lines.items()} == {"line-a": second.version}
+    assert pinned.adapters.lines["line-a"].threshold == 0.25
+    assert load_serving_model(family, None, torch.device("cpu"), adapters={}).adapters is None
+    with pytest.raises(StoreError, match="m0009-00000000"):
+        load_serving_model(family, None, torch.device("cpu"), adapters={"line-a": "m0009-00000000"})
 
 
 # --------------------------------------------------------------------------------------- versions per line

@@ -52,12 +52,12 @@ def test_train_calibrate_and_evaluate_the_bearings_bench(tmp_path, capsys):
 
     _bearings_available()
     store, results = tmp_path / "models", tmp_path / "results"
-    assert main(["train", "--bench", "bearings", "--mode", "normal-only", "--store", str(store),
+    assert main(["train", "--bench", "bearings", "--mode", "normal-only", "--models-dir", str(store),
                  "--device", "cpu"]) == 0
     trained = _lines(capsys)
     assert [t["fold"] for t in trained] == list(range(FOLDS)) and {t["model"] for t in trained} == {family("bearings")}
     bench_store = ModelStore(store / family("bearings"))
-    assert main(["evaluate", "--bench", "bearings", "--mode", "normal-only", "--store", str(store),
+    assert main(["evaluate", "--bench", "bearings", "--mode", "normal-only", "--models-dir", str(store),
                  "--results", str(results)]) == 0
     printed = json.loads(capsys.readouterr().out)
     result = json.loads((results / "normal_only.json").read_text())
@@ -94,13 +94,13 @@ def test_train_calibrate_and_evaluate_the_bearings_bench(tmp_path, capsys):
 
     # a new threshold for the promoted version (the last fold), on the same calibration windows
     promoted = bench_store.promoted()
-    assert main(["calibrate", "--name", family("bearings"), "--target-far", "0.1", "--store", str(store)]) == 0
+    assert main(["calibrate", "--name", family("bearings"), "--target-far", "0.1", "--models-dir", str(store)]) == 0
     calibrated = _lines(capsys)[-1]
     after = bench_store.promoted()
     assert calibrated["from"] == promoted.version and after.version == calibrated["version"] != promoted.version
     assert after.card["parent"] == promoted.version and after.card["fold"] == promoted.card["fold"]
     assert after.card["calibration"]["target_far"] == 0.1 and after.card["threshold"] <= promoted.card["threshold"]
-    assert main(["calibrate", "--name", family("bearings"), "--method", "max_f1", "--store", str(store)]) == 2
+    assert main(["calibrate", "--name", family("bearings"), "--method", "max_f1", "--models-dir", str(store)]) == 2
     assert "--method max_f1 do not apply to normal-only" in capsys.readouterr().err
 
 
@@ -109,13 +109,13 @@ def test_train_calibrate_and_evaluate_the_bearings_bench(tmp_path, capsys):
 def test_evaluate_needs_every_fold_and_train_refuses_foreign_flags(tmp_path, capsys):
     _bearings_available()
     store = tmp_path / "models"
-    assert main(["train", "--bench", "bearings", "--fold", "2", "--mode", "normal-only", "--store", str(store),
+    assert main(["train", "--bench", "bearings", "--fold", "2", "--mode", "normal-only", "--models-dir", str(store),
                  "--device", "cpu"]) == 0
     assert [t["fold"] for t in _lines(capsys)] == [2]
-    assert main(["evaluate", "--bench", "bearings", "--mode", "normal-only", "--store", str(store),
+    assert main(["evaluate", "--bench", "bearings", "--mode", "normal-only", "--models-dir", str(store),
                  "--results", str(tmp_path / "results")]) == 2
     assert "no normal-only version for seed 0 folds [0, 1, 3, 4]" in capsys.readouterr().err
-    assert main(["train", "--bench", "elpv", "--fold", "1", "--mode", "normal-only", "--store", str(store)]) == 2
+    assert main(["train", "--bench", "elpv", "--fold", "1", "--mode", "normal-only", "--models-dir", str(store)]) == 2
     assert "--fold applies to bearings only" in capsys.readouterr().err
-    assert main(["evaluate", "--bench", "skab", "--mode", "normal-only", "--store", str(store)]) == 2
+    assert main(["evaluate", "--bench", "skab", "--mode", "normal-only", "--models-dir", str(store)]) == 2
     assert "without --mode" in capsys.readouterr().err

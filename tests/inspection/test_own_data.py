@@ -475,7 +475,7 @@ def test_train_calibrate_and_serve_a_line_model_from_history(tmp_path, capsys):
     assert main(["data", "export", "--out", str(hist), "--labels-out", str(labels), "--limit", "60"]) == 0
     capsys.readouterr()
     argv = ["train", "--data", str(hist), "--labels", str(labels), "--line", "line-1", "--allow-mixed-rates",
-            "--epochs", "1", "--dim", "32", "--image-size", "32", "--device", "cpu", "--store", str(store),
+            "--epochs", "1", "--dim", "32", "--image-size", "32", "--device", "cpu", "--models-dir", str(store),
             "--out", str(tmp_path / "runs")]
     for item in SMALL:
         argv += ["--model-set", item]
@@ -483,7 +483,7 @@ def test_train_calibrate_and_serve_a_line_model_from_history(tmp_path, capsys):
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["model"] == "line-line-1" and trained["units"] == {"train": 48, "val": 12}
     assert trained["label_sources"] == {"labels_file": 60}
-    assert main(["calibrate", "--name", "line-line-1", "--store", str(store)]) == 0
+    assert main(["calibrate", "--name", "line-line-1", "--models-dir", str(store)]) == 0
     calibrated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     family = ModelStore(store / "line-line-1")
     promoted = family.promoted()
@@ -521,7 +521,7 @@ def test_train_calibrate_and_serve_a_normal_only_line_model(tmp_path, capsys):
     n_good = sum(r["label"] == "0" for r in rows)
     n_held_out = round(n_good * 0.2)
     base = ["train", "--data", str(hist), "--line", "line-1", "--allow-mixed-rates", "--mode", "normal-only",
-            "--image-size", "32", "--device", "cpu", "--store", str(store)]
+            "--image-size", "32", "--device", "cpu", "--models-dir", str(store)]
     assert main([*base, "--labels", str(labels)]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["mode"] == MODE and trained["model"] == "line-line-1" and not trained["assumed_normal"]
@@ -538,7 +538,7 @@ def test_train_calibrate_and_serve_a_normal_only_line_model(tmp_path, capsys):
     held_out = rebuild_validation(card["source"], card["split"])
     assert len(held_out) == n_held_out and all(not u.label.defect for u in held_out)
 
-    assert main(["calibrate", "--name", "line-line-1", "--target-far", "0.25", "--store", str(store)]) == 0
+    assert main(["calibrate", "--name", "line-line-1", "--target-far", "0.25", "--models-dir", str(store)]) == 0
     calibrated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     promoted = family.promoted()
     assert promoted.version == calibrated["version"] != trained["version"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -72,7 +73,8 @@ def test_mode_follows_the_stream_and_lines_are_whole():
     assert buf.getvalue() == "preprocess 48/48 units in 2s (24 units/s)\n"
 
 
-@pytest.mark.parametrize("command", [["train", "--bench", "elpv"], ["calibrate", "--bench", "elpv"]])
+@pytest.mark.parametrize("command", [["train", "--bench", "elpv"], ["calibrate", "--bench", "elpv"],
+                                     ["evaluate", "--bench", "elpv"]])
 def test_progress_flags(command):
     from services.cli import build_parser
 
@@ -80,3 +82,27 @@ def test_progress_flags(command):
     assert parser.parse_args(command).progress is True
     assert parser.parse_args([*command, "--no-progress"]).progress is False
     assert parser.parse_args([*command, "--progress"]).progress is True
+
+
+def test_evaluate_reports_preprocessing_and_scoring_per_model(small_model_factory, unit_factory):
+    import numpy as np
+    import torch
+
+    from inspection.evaluation import predict_units
+
+    model = small_model_factory()
+    with torch.no_grad():
+        model.thresholds.fill_(0.5)
+    from inspection.records import Label
+
+    ok = Label(False)
+    units = [dataclasses.replace(unit_factory(i, np.random.default_rng(i)), label=ok) for i in range(5)]
+    model.fit_normalisation(model.batch(units))
+    buf = io.StringIO()
+    pred = predict_units(model, units, batch_size=2, report=Progress(stream=buf), desc="elpv seed 3")
+    assert pred["score"].shape == (5,)
+    lines = buf.getvalue().splitlines()
+    assert [line.split(" 5/5 units in ")[0] for line in lines] == ["elpv seed 3: preprocess", "elpv seed 3: score"]
+    quiet = io.StringIO()
+    predict_units(model, units, batch_size=2, report=Progress(False, stream=quiet))
+    assert quiet.getvalue() == ""

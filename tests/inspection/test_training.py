@@ -400,7 +400,7 @@ def test_calibrating_several_seeds_keeps_every_one(tmp_path, capsys, order):
         store.save(InspectionModel(tiny_config()).state_dict(), card, promote=True)
     seeds = [str(s) for s in sorted(order)]
     assert main(["calibrate", "--bench", "bearings", "--seeds", *seeds, "--method", "fixed",
-                 "--threshold", "0.5", "--store", str(tmp_path)]) == 0
+                 "--threshold", "0.5", "--models-dir", str(tmp_path)]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert len(lines) == len(order)
     calibrated = [v for v in store.versions() if v.card.get("threshold_version")]

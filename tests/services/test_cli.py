@@ -121,14 +121,19 @@ def test_broker_command_serves_until_sigterm(tmp_path):
         pytest.fail(f"the broker process {broker_pid} outlived the command")
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    result = run("demo", "--units", "20", "--out", str(tmp_path / "demo"))
+def test_demo_without_injected_faults_decides_every_unit(tmp_path):
+    """The CLI demo with nothing missing or malformed (tests/services/test_demo.py covers the faults): every unit
+    is sent whole, decided once and archived; the summary goes to stdout and the output folder."""
+    result = run("demo", "--units", "12", "--preset", "fast", "--store", str(tmp_path / "store"), "--rate", "0",
+                 "--missing", "0", "--malformed", "0", "--out", str(tmp_path / "demo"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
-    assert summary["units_read_back_identical"] == 20 and summary["units_co_partitioned"] == 20
-    assert summary["messages_received"] == {"inspection.vision": 20, "inspection.vibration": 20,
-                                            "inspection.temperature": 20}
-    assert count_history(tmp_path / "demo" / "history.parquet") == 20
+    assert json.loads(result.stdout)["units"] == summary["units"]
+    assert summary["units"]["produced"] == summary["units"]["decided"] == 12
+    assert summary["units"]["dead_lettered"] == 0 and summary["dlq"]["by_reason"] == {}
+    assert summary["messages_sent"] == {"vision": 12, "vibration": 12, "temperature": 12, "malformed": 0}
+    assert count_history(tmp_path / "demo" / "history.parquet") == 12
+    assert summary["archived_units"] == 12 and summary["rescore"]["matching"] == 12
 
 
 def test_models_commands_verify_before_promoting_and_refuse_a_missing_store(tmp_path):

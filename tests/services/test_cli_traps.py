@@ -142,7 +142,7 @@ def test_read_only_commands_on_a_missing_store_name_it_and_create_nothing(tmp_pa
     args = {
         "models-list": ["models", "list", "--store", str(store)],
         "adapters-list": ["adapters", "list", "--store", str(store)],
-        "evaluate": ["evaluate", "--bench", "elpv", "--store", str(store)],
+        "evaluate": ["evaluate", "--bench", "elpv", "--models-dir", str(store)],
         "explain": ["explain", "--history", str(history), "--store", str(store), "--out", "reports"],
         "rescore": ["rescore", "--history", str(history), "--store", str(store), "--out", "rescored"],
         "audit": ["audit", "d-1", "--history", str(history), "--store", str(store), "--decisions", "d.jsonl"],
@@ -189,3 +189,34 @@ def test_every_example_parses_to_its_own_subcommand():
         words = example.split()
         assert words[0] == "inspection" and " ".join(words[1:]).startswith(command), (command, example)
         parser.parse_args(words[1:])  # an unknown flag or a missing required one exits here
+
+
+# ----------------------------------------------------------------------------------- one meaning per flag
+def _flag(parser: argparse.ArgumentParser, command: tuple[str, ...], flag: str):
+    sub = parser
+    for name in command:
+        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return next((a for a in sub._actions if flag in a.option_strings and a.help != argparse.SUPPRESS), None)
+
+
+def test_shared_flags_take_the_same_values_in_every_subcommand():
+    parser = build_parser()
+    commands = _subcommands(parser)
+    devices = {c: _flag(parser, c, "--device") for c in commands}
+    devices = {c: a for c, a in devices.items() if a is not None}
+    assert {("train",), ("calibrate",), ("evaluate",), ("rescore",), ("explain",), ("adapt",)} <= set(devices)
+    for command, action in devices.items():  # auto | cpu | cuda wherever a device is chosen
+        assert list(action.choices) == ["auto", "cpu", "cuda"], (command, action.choices)
+    seeds = {c: _flag(parser, c, "--seeds") for c in commands}
+    for command, action in ((c, a) for c, a in seeds.items() if a is not None):  # split seeds, a list of ints
+        assert action.type is int and action.nargs in ("*", "+") and action.help, command
+
+
+@pytest.mark.parametrize("command", [["train", "--bench", "elpv"], ["calibrate", "--bench", "elpv"],
+                                     ["evaluate", "--bench", "elpv"]])
+def test_store_names_one_model_store_so_the_bench_commands_point_to_models_dir(tmp_path, command):
+    result = run(*command, "--store", str(tmp_path / "models"), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and f"--models-dir {tmp_path / 'models'}" in lines[0], result.stderr
+    assert tree(tmp_path) == set()  # nothing trained, nothing created
