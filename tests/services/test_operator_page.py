@@ -529,38 +529,3 @@ def test_login_sets_a_session_cookie_that_is_not_the_token(tmp_path):
         assert status == 303 and "Max-Age=0" in headers["set-cookie"]
     finally:
         server.stop()
-
-
-@pytest.mark.slow
-@pytest.mark.data
-def test_demo_serve_page_keeps_the_page_up_and_a_decision_leads_to_its_report(tmp_path):
-    exe = str(Path(sys.executable).parent / "inspection")
-    out = tmp_path / "demo"
-    log = tmp_path / "demo.err"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([exe, "demo", "--units", "20", "--out", str(out), "--serve-page"],
-                                stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        url = None
-        while url is None:
-            assert proc.poll() is None, f"the demo exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the demo never held its page:\n{log.read_text()[-3000:]}"
-            found = re.search(r"page stays at (http://127\.0\.0\.1:(\d+)/)", log.read_text())
-            url = found.group(1) if found else None
-            time.sleep(0.5)
-        port = int(found.group(2))
-        status, _, body = request(port, "/api/decisions?decision=defect")
-        defects = json.loads(body)["decisions"]
-        assert status == 200 and defects and all(d["report"] for d in defects)
-        status, headers, page = request(port, defects[0]["report"])
-        assert status == 200 and headers["content-type"].startswith("text/html")
-        assert defects[0]["unit_id"].encode() in page
-        status, _, page = request(port, "/")
-        assert status == 200 and page.count(b"<tr data-seq=") == 20
-    finally:
-        proc.terminate()
-        proc.wait(120)
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    summary = json.loads((out / "demo_summary.json").read_text())
-    assert summary["units_decided"] == 20 and summary["service"]["operator_page"] == url
