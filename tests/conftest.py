@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +179,37 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def serving_store_factory(tmp_path_factory, small_model_factory, unit_factory) -> Callable[..., Path]:
+    """Save a small calibrated model into a model store and return the store's directory.
+
+    The model is the shared small fusion model with its feature normalisation fitted on 16 units and both
+    line thresholds set to the median score of those units (a calibration by hand, so about half the units
+    are defects). ``variant`` shifts the defect head's bias, giving a second model with other scores;
+    ``threshold_version`` names the calibration (default ``t-test-<variant>``).
+    """
+
+    def build(root: Path | None = None, variant: int = 0, threshold_version: str | None = None) -> Path:
+        import numpy as np
+        import torch
+
+        from inspection.store import ModelStore
+
+        root = root if root is not None else tmp_path_factory.mktemp("store")
+        model = small_model_factory()
+        rng = np.random.default_rng(0)
+        units = [unit_factory(i, rng) for i in range(16)]
+        model.fit_normalisation(model.batch(units))
+        model.eval()
+        with torch.no_grad():
+            model.defect_head.bias.add_(float(variant))
+            scores = model(model.batch(units)).score
+            model.thresholds.fill_(float(scores.median()))
+        card = {"model_config": model.config.to_dict(),
+                "threshold_version": threshold_version or f"t-test-{variant}"}
+        ModelStore(root).save(model.state_dict(), card, promote=True)
+        return root
+
+    return build

@@ -242,24 +242,9 @@ def test_the_docs_mark_the_blocks_a_newcomer_runs():
 
 # -------------------------------------------------------------------------------------------- running them
 @pytest.fixture(scope="session")
-def docs_store(tmp_path_factory, small_model_factory, unit_factory) -> Path:
+def docs_store(tmp_path_factory, serving_store_factory) -> Path:
     """A calibrated small model store (real model, thresholds set to the median score of 16 units)."""
-    import numpy as np
-    import torch
-
-    from inspection.store import ModelStore
-
-    root = tmp_path_factory.mktemp("docs-store") / "demo"
-    model = small_model_factory()
-    rng = np.random.default_rng(0)
-    units = [unit_factory(i, rng) for i in range(16)]
-    model.fit_normalisation(model.batch(units))
-    model.eval()
-    with torch.no_grad():
-        model.thresholds.fill_(float(model(model.batch(units)).score.median()))
-    ModelStore(root, create=True).save(model.state_dict(), {"model_config": model.config.to_dict(),
-                                                            "threshold_version": "t-docs"}, promote=True)
-    return root
+    return serving_store_factory(tmp_path_factory.mktemp("docs-store"), threshold_version="t-docs")
 
 
 def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from inspection.errors import DataError
@@ -42,37 +41,6 @@ def composite_units() -> list:
     except DataError:
         source = "synthetic"
     return CompositeBuilder(CompositeConfig(seed=5, temperature_source=source)).units("test", 1000)
-
-
-@pytest.fixture(scope="session")
-def serving_store_factory(tmp_path_factory, small_model_factory, unit_factory) -> Callable[..., Path]:
-    """Save a small calibrated model into a model store and return the store's directory.
-
-    The model is the shared small fusion model with its feature normalisation fitted on 16 units and both
-    line thresholds set to the median score of those units (a calibration by hand, so about half the units
-    are defects). ``variant`` shifts the defect head's bias, giving a second model with other scores.
-    """
-
-    def build(root: Path | None = None, variant: int = 0) -> Path:
-        import torch
-
-        from inspection.store import ModelStore
-
-        root = root if root is not None else tmp_path_factory.mktemp("store")
-        model = small_model_factory()
-        rng = np.random.default_rng(0)
-        units = [unit_factory(i, rng) for i in range(16)]
-        model.fit_normalisation(model.batch(units))
-        model.eval()
-        with torch.no_grad():
-            model.defect_head.bias.add_(float(variant))
-            scores = model(model.batch(units)).score
-            model.thresholds.fill_(float(scores.median()))
-        card = {"model_config": model.config.to_dict(), "threshold_version": f"t-test-{variant}"}
-        ModelStore(root).save(model.state_dict(), card, promote=True)
-        return root
-
-    return build
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -350,7 +349,12 @@ def test_explain_applies_the_lines_adapter_and_names_it(setup, explained):
         assert report["decision"]["threshold_version"] == d.threshold_version
         assert report["decision"]["decision"] == d.decision
         # every forward of the explanation ran the same model: v(all) is the decision's logit, Σφ adds up to it
-        assert 1 / (1 + math.exp(-exp["modality"]["value_full"])) == pytest.approx(d.score, abs=SCORE_TOLERANCE)
+        # v(all) is the decision's own logit: its baseline plus its modality Shapley values, as the stream
+        # recorded them (not recomputed from the report), and the report's modality values are the stream's
+        stream = d.attributions
+        assert exp["modality"]["value_full"] == pytest.approx(
+            stream["baseline_logit"] + sum(stream["modality"].values()), abs=1e-4)
+        assert exp["modality"]["phi"] == pytest.approx(stream["modality"], abs=1e-4)
         assert abs(exp["efficiency_gap"]) < 1e-4
         if unit.line_id == LINE:
             assert report["model_version"] == f"{base}+{LINE}:{setup['v1']}"

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -179,7 +178,12 @@ def test_a_running_service_follows_adapter_promotions_and_explains_with_the_adap
             exp = report["explanation"]
             assert report["model_version"] == d.model_version and report["decision"]["id"] == d.id
             assert report["decision"]["score"] == d.score and exp["level"] == 2
-            assert 1 / (1 + math.exp(-exp["modality"]["value_full"])) == pytest.approx(d.score, abs=SCORE_ATOL)
+            # v(all) is the decision's own logit: its baseline plus its modality Shapley values, as the stream
+            # recorded them (not recomputed from the report), and the report's modality values are the stream's
+            stream = d.attributions
+            assert exp["modality"]["value_full"] == pytest.approx(
+                stream["baseline_logit"] + sum(stream["modality"].values()), abs=1e-4)
+            assert exp["modality"]["phi"] == pytest.approx(stream["modality"], abs=1e-4)
             # level 2 ran the same model as the decision: the region, band and segment values add up to its logit
             assert abs(exp["efficiency_gap"]) < 1e-4, (what, u.line_id, exp["efficiency_gap"])
             assert f"model {d.model_version}" in path.read_text()

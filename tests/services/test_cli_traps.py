@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,12 +96,18 @@ def test_an_unreachable_broker_fails_fast_in_one_line(tmp_path, command):
 
 
 # ---------------------------------------------------------------------------------------------- busy port
-@pytest.mark.slow
-def test_broker_on_a_busy_port_says_so_in_one_line(tmp_path):
+@contextlib.contextmanager
+def held_port() -> Iterator[int]:
+    """A 127.0.0.1 port this test holds (bound and listening) while the block runs."""
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
-        port = held.getsockname()[1]
+        yield held.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_broker_on_a_busy_port_says_so_in_one_line(tmp_path):
+    with held_port() as port:
         result = run("broker", "--port", str(port), "--log", str(tmp_path / "broker.log"), timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = stderr_lines(result)
@@ -120,10 +128,7 @@ def test_embedded_broker_on_a_busy_port_names_the_port(tmp_path):
     from inspection.errors import BrokerError
     from services.broker import EmbeddedBroker
 
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = held.getsockname()[1]
+    with held_port() as port:
         broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker.log", ready_timeout_s=10)
         with pytest.raises(BrokerError, match=f"failed: port {port} is in use; the broker process exited"):
             broker.start()
