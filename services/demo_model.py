@@ -59,6 +59,7 @@ temperature head's 0.61).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -72,6 +73,7 @@ from inspection.errors import ConfigError, StoreError
 from inspection.progress import Progress
 from inspection.records import MODALITIES, Unit
 from inspection.store import ModelStore, ModelVersion
+from inspection.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +172,11 @@ class DemoPreset:
         name: the preset's name.
         train_units: units of the composite train split it trains on.
         val_units: units of the composite validation split: epoch selection, thresholds, late fusion.
-        epochs: training epochs; the epoch with the best validation AUROC is kept.
+        training: the training recipe (epochs, batch size, learning rates, culprit-loss weight; validated by
+            :class:`~inspection.training.TrainConfig`); seed and device are set when it trains. The epoch with the
+            best validation AUROC is kept.
         image_size: image side in pixels.
         dim: model width.
-        lr: learning rate of everything trained from scratch.
-        backbone_lr: learning rate of the pretrained image backbone.
-        batch_size: units per optimizer step.
-        modality_weight: weight of the per-modality culprit loss (see :class:`~inspection.training.TrainConfig`).
         modality_dropout: the fusion model's probability of hiding each present modality in training (the
             single-modality baselines have none to hide).
     """
@@ -184,37 +184,28 @@ class DemoPreset:
     name: str
     train_units: int
     val_units: int
-    epochs: int
+    training: TrainConfig
     image_size: int = 64
     dim: int = 64
-    lr: float = 2e-3
-    backbone_lr: float = 5e-4
-    batch_size: int = 32
-    modality_weight: float = 0.3
     modality_dropout: float = 0.25
 
     def __post_init__(self) -> None:
-        for key in ("train_units", "val_units", "epochs", "image_size", "dim", "batch_size"):
+        for key in ("train_units", "val_units"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"preset {self.name}: {key} must be a positive integer; got {value!r}")
-        if self.image_size < 32:
-            raise ConfigError(f"preset {self.name}: image_size must be >= 32 px; got {self.image_size}")
-        if not (self.lr > 0 and self.backbone_lr > 0 and self.modality_weight >= 0):
-            raise ConfigError(f"preset {self.name}: learning rates must be > 0 and modality_weight >= 0")
-        if not 0.0 <= self.modality_dropout < 1.0:
-            raise ConfigError(f"preset {self.name}: modality_dropout must be in [0, 1); got {self.modality_dropout}")
+
+    @property
+    def epochs(self) -> int:
+        return self.training.epochs
 
     def model_config(self, modalities: Sequence[str] = MODALITIES):
         return demo_model_config(image_size=self.image_size, dim=self.dim, modalities=modalities,
                                  modality_dropout=self.modality_dropout)
 
-    def train_config(self, seed: int, device: str):
-        """The :class:`~inspection.training.TrainConfig` of this recipe (float32, no autocast)."""
-        from inspection.training import TrainConfig
-
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, backbone_lr=self.backbone_lr,
-                           modality_weight=self.modality_weight, seed=seed, device=device, amp=False)
+    def train_config(self, seed: int, device: str) -> TrainConfig:
+        """The recipe's :class:`~inspection.training.TrainConfig` with ``seed`` and ``device``."""
+        return dataclasses.replace(self.training, seed=seed, device=device)
 
     def note(self, modalities: Sequence[str] = MODALITIES) -> str:
         what = ("fusion model (all three encoders, one bridge layer, 4-expert MoE)" if len(modalities) > 1 else
@@ -229,9 +220,13 @@ class DemoPreset:
 
 #: The demo's recipes: ``standard`` is served by ``inspection demo``; ``fast`` exercises the same code in seconds.
 PRESETS: dict[str, DemoPreset] = {
-    "standard": DemoPreset("standard", train_units=960, val_units=256, epochs=8, modality_weight=1.0,
-                           modality_dropout=0.5),
-    "fast": DemoPreset("fast", train_units=48, val_units=32, epochs=1),
+    # float32 on every device (no autocast), so that the stored model is the same wherever it trained
+    "standard": DemoPreset("standard", train_units=960, val_units=256, modality_dropout=0.5,
+                           training=TrainConfig(epochs=8, batch_size=32, lr=2e-3, backbone_lr=5e-4,
+                                                modality_weight=1.0, amp=False)),
+    "fast": DemoPreset("fast", train_units=48, val_units=32,
+                       training=TrainConfig(epochs=1, batch_size=32, lr=2e-3, backbone_lr=5e-4, modality_weight=0.3,
+                                            amp=False)),
 }
 
 
