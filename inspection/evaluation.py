@@ -62,6 +62,29 @@ def current_commit() -> str:
         return "unknown"
 
 
+def logit(p: np.ndarray) -> np.ndarray:
+    """Log-odds of probabilities, clipped to ``[1e-7, 1 - 1e-7]`` first so that 0 and 1 stay finite."""
+    p = np.clip(np.asarray(p, float), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def margin(score: np.ndarray, threshold: np.ndarray | float) -> np.ndarray:
+    """How far a calibrated model's scores lie above its own thresholds, in logits (> 0: a defect decision)."""
+    return logit(score) - logit(threshold)
+
+
+def late_fusion_score(margins: np.ndarray) -> np.ndarray:
+    """Late fusion of single-modality models: per unit, the largest :func:`margin` of a modality it has.
+
+    Args:
+        margins: ``[B, M]`` each single-modality model's margin, NaN where the unit lacks the modality.
+
+    Returns:
+        ``[B]``; compared with a late-fusion threshold chosen on validation units.
+    """
+    return np.nanmax(np.asarray(margins, float), axis=1)
+
+
 def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float | np.ndarray) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 

@@ -25,6 +25,9 @@ from inspection.evaluation import (
     ANCHORS,
     binary_metrics,
     evaluate_units,
+    late_fusion_score,
+    logit,
+    margin,
     plot_roc_confusion,
     predict_units,
     write_result,
@@ -514,12 +517,13 @@ def _composite_baselines(root: Path, seed: int, data: BenchData, device: str, re
         threshold = choose_threshold(p_val["score"], val_defect, "max_f1")
         baselines[f"{m}_only"] = {**binary_metrics(p_test["score"], test_defect, threshold), "threshold": threshold}
         versions[m] = v.version
-        val_logits.append(_logit(p_val["score"]))
-        test_logits.append(_logit(p_test["score"]))
+        val_logits.append(logit(p_val["score"]))
+        test_logits.append(logit(p_test["score"]))
         # a margin over the model's own calibrated threshold (set on the validation units' culprits it can see)
-        val_margins.append(val_logits[-1] - _logit(p_val["threshold"]))
-        test_margins.append(test_logits[-1] - _logit(p_test["threshold"]))
-    late_val, late_test = np.max(val_margins, axis=0), np.max(test_margins, axis=0)
+        val_margins.append(margin(p_val["score"], p_val["threshold"]))
+        test_margins.append(margin(p_test["score"], p_test["threshold"]))
+    late_val = late_fusion_score(np.stack(val_margins, axis=1))
+    late_test = late_fusion_score(np.stack(test_margins, axis=1))
     threshold = choose_threshold(late_val, val_defect, "max_f1")
     baselines["late_fusion"] = {**binary_metrics(late_test, test_defect, threshold), "threshold": threshold}
     baselines["stacking"] = _stacking(np.stack(val_logits, 1), val_defect, np.stack(test_logits, 1), test_defect,
@@ -543,11 +547,6 @@ def _stacking(x_val: np.ndarray, y_val: np.ndarray, x_test: np.ndarray, y_test: 
     return {**binary_metrics(prob, y_test, threshold), "threshold": threshold,
             "coefficients": dict(zip(MODALITIES, lr.coef_[0].tolist(), strict=True)),
             "intercept": float(lr.intercept_[0])}
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, float), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
 
 
 def _get(d: dict, path: str):

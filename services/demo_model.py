@@ -70,6 +70,7 @@ from pathlib import Path
 import numpy as np
 
 from inspection.errors import ConfigError, StoreError
+from inspection.evaluation import late_fusion_score, margin, predict_units
 from inspection.progress import Progress
 from inspection.records import MODALITIES, Unit
 from inspection.store import ModelStore, ModelVersion
@@ -375,11 +376,6 @@ def ensure_baselines(store_root: Path | str, preset: str = "standard", *, seed: 
 
 
 # ----------------------------------------------------------------------------------------- late fusion
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, float), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
-
-
 @dataclass
 class Baselines:
     """The demo's baselines, ready to score units.
@@ -405,7 +401,6 @@ class Baselines:
     def margins(self, units: Sequence[Unit]) -> np.ndarray:
         """Each single-modality model's margin over its own threshold, in logits, ``[B, M]`` (NaN where the
         unit lacks the modality)."""
-        from inspection.evaluation import predict_units
 
         out = np.full((len(units), len(MODALITIES)), np.nan)
         for j, m in enumerate(MODALITIES):
@@ -414,13 +409,13 @@ class Baselines:
                 continue
             others = [x for x in MODALITIES if x != m]
             pred = predict_units(self.models[m], [units[i].without(*others) for i in rows], "cpu")
-            out[rows, j] = _logit(pred["score"]) - _logit(pred["threshold"])
+            out[rows, j] = margin(pred["score"], pred["threshold"])
         return out
 
     def late_fusion(self, units: Sequence[Unit]) -> np.ndarray:
         """Late-fusion decisions (``[B]`` bool, True = defect): the largest margin of a present modality over the
         late-fusion threshold."""
-        return np.nanmax(self.margins(units), axis=1) >= self.late_threshold
+        return late_fusion_score(self.margins(units)) >= self.late_threshold
 
     def majority(self, n: int) -> np.ndarray:
         """The majority-class decisions of ``n`` units (``[n]`` bool, True = defect)."""
@@ -457,7 +452,7 @@ def load_baselines(store_root: Path | str, preset: str = "standard", *, seed: in
     if not (isinstance(cached, dict) and cached.get("versions") == ids and cached.get("seed") == seed):
         train, val = preset_units(recipe, seed, builder)
         base = Baselines(models, ids, float("nan"), len(val), False, 0.0, len(train))
-        late = np.nanmax(base.margins(val), axis=1)
+        late = late_fusion_score(base.margins(val))
         threshold = choose_threshold(late, np.array([u.label.defect for u in val]), "max_f1")
         share = float(np.mean([u.label.defect for u in train]))
         cached = {"versions": ids, "seed": seed, "preset": recipe.name, "temperature_source": builder.temperature_source,
