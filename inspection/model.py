@@ -59,6 +59,15 @@ class ModelConfig:
     modality_dropout: in training, the probability of hiding each present modality (one always stays).
     head_dropout: dropout on the fused representation before the heads.
     lines: production lines with their own threshold; ``*`` is the default for any other line.
+    modality_evidence: add the per-modality heads' evidence to the defect logit: their soft OR (log-sum-exp of
+        the culprit logits of the modalities the unit shows) times a learned weight (starting at 1), on top of
+        the fused head. For data where a unit is defective when any one reading is, the fused head then learns
+        what the modalities say together beyond that. Off: the defect logit is the fused head's alone.
+    modality_pool: how each per-modality head reads its modality's visible tokens: ``mean`` -- the head on their
+        mean; ``lme`` -- the head on every token, its logits pooled by log-mean-exp (a smooth maximum: a defect
+        seen in one image region or one stretch of time is not averaged away).
+    modality_head_hidden: 0 -- each per-modality head is linear (after a LayerNorm); > 0 -- a two-layer MLP of
+        that hidden width (GELU), for encoders whose tokens are linear in the readings (the series encoder's).
     """
 
     encoders: dict[str, EncoderSpec]
@@ -67,6 +76,9 @@ class ModelConfig:
     modality_dropout: float = 0.25
     head_dropout: float = 0.2
     lines: tuple[str, ...] = (DEFAULT_LINE,)
+    modality_evidence: bool = False
+    modality_pool: str = "mean"
+    modality_head_hidden: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.encoders) - set(MODALITIES)
@@ -78,6 +90,10 @@ class ModelConfig:
             raise ConfigError(f"modality_dropout must be in [0, 1); got {self.modality_dropout}")
         if DEFAULT_LINE not in self.lines or len(set(self.lines)) != len(self.lines):
             raise ConfigError(f"lines must be distinct and include the default {DEFAULT_LINE!r}; got {self.lines}")
+        if self.modality_pool not in ("mean", "lme"):
+            raise ConfigError(f"modality_pool must be 'mean' or 'lme'; got {self.modality_pool!r}")
+        if not isinstance(self.modality_head_hidden, int) or self.modality_head_hidden < 0:
+            raise ConfigError(f"modality_head_hidden must be an integer >= 0; got {self.modality_head_hidden!r}")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -185,8 +201,16 @@ class InspectionModel(nn.Module):
         self.head_drop = nn.Dropout(config.head_dropout)
         self.defect_head = nn.Linear(dim, 1)
         self.class_head = nn.Linear(dim, len(config.class_names))
-        self.modality_heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
-                                             for m in config.modalities})
+        hidden = config.modality_head_hidden
+        self.modality_heads = nn.ModuleDict({
+            m: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1)) if not hidden else
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+            for m in config.modalities})
+        if config.modality_evidence:
+            self.evidence_weight = nn.Parameter(torch.ones(()))
+            # start from the modalities' evidence alone; the fused head learns what it misses
+            nn.init.zeros_(self.defect_head.weight)
+            nn.init.zeros_(self.defect_head.bias)
         self.register_buffer("thresholds", torch.full((len(config.lines),), float("nan")))
         self._line_slots = {line: i for i, line in enumerate(config.lines)}
 
@@ -275,11 +299,12 @@ class InspectionModel(nn.Module):
 
         A mask may only remove modalities a unit has; modalities it lacks stay absent. ``visible`` ``[B, N]``
         (bool) hides single tokens on top of that: a token is seen only where both allow it (explanations switch
-        an image region, a frequency band or a time segment off this way). The per-modality heads read every
-        token of a present modality. ``trace=True`` fills :attr:`ModelOutput.trace` (each row's routing path
-        and attention spread) and changes no other output; training and benchmarks leave it off. ``trace_rows``
-        (``[R]`` long) traces only those rows, in that order: the trace's row ``r`` is the batch's
-        ``trace_rows[r]``.
+        an image region, a frequency band or a time segment off this way). Each per-modality head reads its
+        modality's visible tokens (pooled as ``modality_pool`` says; every token of a present modality unless ``visible`` hides some; a
+        modality with every token hidden counts as absent for its head). ``trace=True`` fills
+        :attr:`ModelOutput.trace` (each row's routing path and attention spread) and changes no other output;
+        training and benchmarks leave it off. ``trace_rows`` (``[R]`` long) traces only those rows, in that order:
+        the trace's row ``r`` is the batch's ``trace_rows[r]``.
         """
         present = encoded.present if present is None else present & encoded.present
         tokens_on = present[:, encoded.modality_index]  # [B, N] True = visible
@@ -295,14 +320,17 @@ class InspectionModel(nn.Module):
         weights = visible.to(encoded.tokens.dtype)
         token_mean = (encoded.tokens * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
         pooled = self.head_drop(self.head_norm(bridged.pooled + token_mean.to(bridged.pooled.dtype)))  # [B, D]
-        b = encoded.tokens.shape[0]
-        modality_logits = torch.zeros(b, len(MODALITIES), device=pooled.device, dtype=pooled.dtype)
-        for m, sl in encoded.slices.items():
-            mi = MODALITIES.index(m)
-            logit = self.modality_heads[m](encoded.tokens[:, sl].mean(dim=1)).squeeze(-1)  # [B]
-            modality_logits[:, mi] = torch.where(present[:, mi], logit.to(pooled.dtype), 0.0)
+        modality_logits, shown = self.modality_logits(encoded, visible)
+        modality_logits = modality_logits.to(pooled.dtype)
+        defect_logit = self.defect_head(pooled).squeeze(-1)
+        if self.config.modality_evidence:
+            # soft OR of the shown modalities' culprit logits (a finite fill keeps gradients finite for a row that
+            # shows nothing, whose evidence is then 0)
+            evidence = torch.logsumexp(modality_logits.float().masked_fill(~shown, -1e4), dim=1)
+            evidence = torch.where(shown.any(dim=1), evidence, torch.zeros_like(evidence))
+            defect_logit = defect_logit + self.evidence_weight * evidence.to(defect_logit.dtype)
         return ModelOutput(
-            defect_logit=self.defect_head(pooled).squeeze(-1),
+            defect_logit=defect_logit,
             class_logits=self.class_head(pooled),
             modality_logits=modality_logits,
             present=present,
@@ -310,6 +338,35 @@ class InspectionModel(nn.Module):
             router_stats=bridged.router_stats,
             trace=bridged.trace,
         )
+
+    def modality_logits(self, encoded: Encoded, visible: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Each per-modality head on its modality's visible tokens (``visible`` ``[B, N]`` bool; default: every
+        token of a modality the unit has), pooled as ``config.modality_pool`` says.
+
+        Returns:
+            ``([B, M] logits, [B, M] bool shown)`` over ``MODALITIES``: a modality is shown where at least one of
+            its tokens is visible; its logit is 0 where it is not.
+        """
+        if visible is None:
+            visible = encoded.present[:, encoded.modality_index]
+        weights = visible.to(encoded.tokens.dtype)
+        b = encoded.tokens.shape[0]
+        zeros = torch.zeros(b, device=encoded.tokens.device, dtype=encoded.tokens.dtype)
+        logits, shown = [zeros] * len(MODALITIES), [zeros.bool()] * len(MODALITIES)
+        for m, sl in encoded.slices.items():
+            mi = MODALITIES.index(m)
+            w = weights[:, sl]  # [B, N_m]
+            count = w.sum(1)  # [B]
+            shown[mi] = count > 0
+            if self.config.modality_pool == "lme":
+                per_token = self.modality_heads[m](encoded.tokens[:, sl]).squeeze(-1).float()  # [B, N_m]
+                logit = (torch.logsumexp(per_token.masked_fill(w == 0, -1e4), dim=1)
+                         - count.float().clamp_min(1.0).log())
+            else:
+                mean = (encoded.tokens[:, sl] * w[..., None]).sum(1) / count.clamp_min(1.0)[:, None]  # [B, D]
+                logit = self.modality_heads[m](mean).squeeze(-1)
+            logits[mi] = torch.where(shown[mi], logit.to(zeros.dtype), zeros)
+        return torch.stack(logits, dim=1), torch.stack(shown, dim=1)
 
     def forward(self, batch: Batch, present: Tensor | None = None) -> ModelOutput:
         return self.fuse(self.encode(batch), present)

@@ -48,6 +48,9 @@ class TrainConfig:
     weight_decay: AdamW weight decay.
     warmup_frac: share of steps with a linear warm-up, then cosine decay to 0.
     class_weight, modality_weight: weights of the class and per-modality losses.
+    modality_loss_all: train each per-modality head on every modality the unit has, also those modality dropout
+        hides from the fused path (its encoder's tokens are computed either way); off: only on what stays
+        visible. With dropout, this gives each modality's own evidence every training unit.
     label_smoothing: of the class loss.
     soft_targets: train the defect logit towards each label's graded ``severity`` (e.g. ELPV's expert defect
         probability 0, 1/3, 2/3, 1) where the label has one, instead of its 0/1 ``defect``; the score then
@@ -78,6 +81,7 @@ class TrainConfig:
     warmup_frac: float = 0.05
     class_weight: float = 0.5
     modality_weight: float = 0.3
+    modality_loss_all: bool = False
     label_smoothing: float = 0.1
     soft_targets: bool = False
     augment: bool = True
@@ -168,11 +172,14 @@ def visible_targets(t: Targets, visible: torch.Tensor, class_names: Sequence[str
     return Targets(defect, klass, culprit)
 
 
-def supervised_loss(out, t: Targets, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    present = out.present.float()
+def supervised_loss(out, t: Targets, cfg: TrainConfig, modality_out=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Defect BCE + class CE + the per-modality culprit BCE over the modalities ``out.present`` shows (those of
+    ``modality_out`` when given: per-modality logits and presence of another mask)."""
+    mo = out if modality_out is None else modality_out
+    present = mo.present.float()
     bce = F.binary_cross_entropy_with_logits(out.defect_logit.float(), t.defect)
     ce = F.cross_entropy(out.class_logits.float(), t.klass, label_smoothing=cfg.label_smoothing)
-    per_mod = F.binary_cross_entropy_with_logits(out.modality_logits.float(), t.culprit, reduction="none")
+    per_mod = F.binary_cross_entropy_with_logits(mo.modality_logits.float(), t.culprit, reduction="none")
     mod = (per_mod * present).sum() / present.sum().clamp_min(1.0)
     loss = bce + cfg.class_weight * ce + cfg.modality_weight * mod
     parts = {"loss": loss, "bce": bce, "ce": ce, "modality": mod}
@@ -585,14 +592,21 @@ def supervised_step(model: InspectionModel, prepared: PreparedSet, idx: torch.Te
     (its router stats feed the experts' bias update) and the loss parts (floats)."""
     batch, t = prepared.take(idx)
     present = drop_modalities(batch.present, model.config.modality_dropout, gen)
+    culprit = t.culprit
     t = visible_targets(t, present, model.config.class_names)
     batch = batch.to(device)
     if cfg.augment:
         batch = augment_images(batch, gen, cfg.photometric_jitter, cfg.affine_jitter)
     t = Targets(t.defect.to(device), t.klass.to(device), t.culprit.to(device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-        out = model(batch, present.to(device))
-        loss, parts = supervised_loss(out, t, cfg)
+        encoded = model.encode(batch)
+        out = model.fuse(encoded, present.to(device))
+        every = None
+        if cfg.modality_loss_all:  # the heads on every modality the unit has, against its own culprits
+            every = ModelOutput(out.defect_logit, out.class_logits, model.modality_logits(encoded)[0],
+                                encoded.present, out.pooled, out.router_stats)
+            t = Targets(t.defect, t.klass, culprit.to(device))
+        loss, parts = supervised_loss(out, t, cfg, modality_out=every)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

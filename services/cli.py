@@ -331,7 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options = DemoOptions(units=args.units, seed=args.seed, rate=args.rate, partitions=args.partitions,
                           out=Path(args.out), store=Path(args.store) if args.store else None, preset=args.preset,
                           missing=args.missing, malformed=args.malformed, keep_running=args.keep_running,
-                          page_port=args.page_port)
+                          page_port=args.page_port, results=Path(args.results) if args.results else None)
     result = run_demo(options)
     print(json.dumps(result.summary, indent=2))
     return result.exit_code
@@ -1019,6 +1019,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "Ctrl-C (--serve-page is the older name)")
     de.add_argument("--page-port", type=int, default=0,
                     help="port of the operator page, /metrics and the probes on 127.0.0.1 (0: a free one, printed)")
+    de.add_argument("--results", metavar="DIR",
+                    help="also write the run's headline numbers (quality against the baselines, throughput, latency, "
+                         "timings) to DIR/demo.json with machine, commit, command and date, as the benchmarks do")
     de.set_defaults(func=cmd_demo)
     bench_choices = ["elpv", "bearings", "composite", "skab"]
     tr = sub.add_parser("train", help="train a model on a benchmark split and save it to the model store")

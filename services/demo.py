@@ -98,6 +98,8 @@ class DemoOptions:
         keep_running: keep the broker, the service and its page up after the summary until Ctrl-C or SIGTERM.
         page_port: port of the operator page, ``/metrics`` and the probes on 127.0.0.1; 0 picks a free one.
         progress: bars on a terminal, lines elsewhere (see :mod:`inspection.progress`); False is quiet.
+        results: a folder to write ``demo.json`` in, the run's headline numbers as a benchmark result
+            (:func:`demo_result`); None writes none.
     """
 
     units: int = 200
@@ -112,6 +114,7 @@ class DemoOptions:
     keep_running: bool = False
     page_port: int = 0
     progress: bool = True
+    results: Path | None = None
 
     def __post_init__(self) -> None:
         from services.demo_model import get_preset
@@ -215,7 +218,7 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> DemoResul
         InspectionError: the stream service did not start.
     """
     from inspection.data.composite import CompositeBuilder, CompositeConfig
-    from services.demo_model import ensure_preset_model, get_preset, load_baselines
+    from services.demo_model import ensure_preset_model, get_preset, load_baselines, preset_model_needed
 
     say = _Say(stream)
     progress = Progress(options.progress)
@@ -225,11 +228,8 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> DemoResul
     builder = CompositeBuilder(CompositeConfig(seed=options.seed))
     preset = get_preset(options.preset)
     store = options.store
-    from inspection.store import ModelStore
-
-    promoted = ModelStore(store, create=True).promoted()
-    if promoted is None or not promoted.card.get("threshold_version"):
-        say(f"no calibrated model in {store}: training the {preset.name} demo model and its three single-modality "
+    if preset_model_needed(store, options.preset, seed=options.seed):
+        say(f"no calibrated model of this recipe in {store}: training the {preset.name} demo model and its three single-modality "
             f"baselines on CPU ({preset.train_units} composite training units, {preset.epochs} "
             f"epoch{'' if preset.epochs == 1 else 's'}, {preset.image_size} px; once, then cached in the store)")
         say(f"model 1/4: the fusion model (all three modalities) -> {store}")
@@ -264,6 +264,8 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> DemoResul
         result = DemoResult(summary, [name for name in CHECKS if not summary["checks"][name]])
         summary["failed_checks"] = result.failed
         (out / OUTPUTS["summary"]).write_text(json.dumps(summary, indent=2))
+        if options.results is not None:
+            summary["result_file"] = str(write_demo_result(summary, options.results))
         _tell(summary, say, options.keep_running)
         if options.keep_running:
             hold(summary["operator_page"], say)
@@ -668,6 +670,37 @@ def _summarise(options: DemoOptions, plan: Plan, stream_part: dict, rescored: di
     }
 
 
+def demo_result(summary: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a run's summary, flat, as a benchmark result's summary holds them: the fused
+    model's accuracy and F1 on the decided units and the baselines' on the same units, culprit pointing,
+    throughput, latency and the time to prepare the model and to run everything."""
+    q = summary["quality"]
+    return {
+        "units": summary["units"]["produced"], "decided": summary["units"]["decided"],
+        "defects": q["defects"], "rate_asked": summary["throughput"]["rate_asked"],
+        "accuracy": q["fused"]["accuracy"], "f1": q["fused"]["f1"],
+        "late_fusion_accuracy": q["late_fusion"]["accuracy"], "late_fusion_f1": q["late_fusion"]["f1"],
+        "majority_accuracy": q["majority"]["accuracy"], "majority_f1": q["majority"]["f1"],
+        "culprit_share": summary["culprit_pointing"]["share"],
+        "units_per_s": summary["throughput"]["units_per_s"],
+        "p50_ms": summary["latency_ms"]["p50"], "p99_ms": summary["latency_ms"]["p99"],
+        "dead_lettered": summary["units"]["dead_lettered"],
+        "model": summary["model"]["version"], "preset": summary["model"]["preset"],
+        "prepare_s": summary["model"]["prepare_s"], "total_s": summary["total_s"],
+        "temperature_source": summary["temperature_source"], "failed_checks": summary["failed_checks"],
+    }
+
+
+def write_demo_result(summary: dict[str, Any], results_dir: Path | str) -> Path:
+    """Write ``<results_dir>/demo.json``: :func:`demo_result` with machine, commit, command and date, and the
+    summary's quality, timing and check sections as details."""
+    from inspection.evaluation import write_result
+
+    details = {k: summary[k] for k in ("quality", "culprit_pointing", "throughput", "latency_ms", "model",
+                                       "checks")}
+    return write_result("demo", demo_result(summary), details, results_dir)
+
+
 def _top_modality(decision: Decision) -> str | None:
     phi = dict(decision.attributions.get("modality") or {})
     return max(phi.items(), key=lambda kv: kv[1])[0] if phi else None
@@ -734,5 +767,5 @@ def hold(url: str | None, say: Callable[[str], None]) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["CHECKS", "MALFORMED", "DemoOptions", "DemoResult", "Plan", "hold", "malformed_message", "plan_units",
-           "run_demo"]
+__all__ = ["CHECKS", "MALFORMED", "DemoOptions", "DemoResult", "Plan", "demo_result", "hold", "malformed_message",
+           "plan_units", "run_demo", "write_demo_result"]

@@ -220,6 +220,79 @@ def test_a_missing_modality_changes_only_its_own_path(model_and_units):
     assert (full.defect_logit - hidden.defect_logit).abs().max() > 1e-4
 
 
+def test_modality_heads_read_only_visible_tokens(model_and_units):
+    model, units = model_and_units
+    with torch.no_grad():
+        encoded = model.encode(model.batch(units))
+        full = model.fuse(encoded)
+        sl = encoded.slices["vision"]
+        visible = torch.ones(len(units), encoded.tokens.shape[1], dtype=torch.bool)
+        visible[:, sl.start] = False  # hide the first image token
+        part = model.fuse(encoded, visible=visible)
+        visible[:, sl] = False  # hide every image token: the same as a unit without its image
+        none = model.fuse(encoded, visible=visible)
+        present = encoded.present.clone()
+        present[:, 0] = False
+        masked = model.fuse(encoded, present)
+    mean = encoded.tokens[:, sl.start + 1:sl.stop].mean(dim=1)
+    torch.testing.assert_close(part.modality_logits[:, 0], model.modality_heads["vision"](mean).squeeze(-1),
+                               rtol=1e-5, atol=1e-6)
+    assert (part.modality_logits[:, 0] - full.modality_logits[:, 0]).abs().max() > 1e-5
+    torch.testing.assert_close(part.modality_logits[:, 1:], full.modality_logits[:, 1:], **EXACT)
+    assert (none.modality_logits[:, 0] == 0).all()
+    torch.testing.assert_close(none.defect_logit, masked.defect_logit, rtol=0, atol=MASK_ATOL)
+
+
+@pytest.fixture(scope="module")
+def evidence_model(small_model_factory, unit_factory):
+    model = small_model_factory(modality_evidence=True)
+    rng = np.random.default_rng(1)
+    units = [unit_factory(i, rng) for i in range(6)]
+    model.fit_normalisation(model.batch(units))
+    with torch.no_grad():  # a trained fused head and evidence weight, not their initial zeros and one
+        model.defect_head.weight.normal_(0, 0.3)
+        model.defect_head.bias.fill_(-0.4)
+        model.evidence_weight.fill_(0.7)
+    return model.eval(), units
+
+
+def test_modality_evidence_adds_the_soft_or_of_shown_modalities(evidence_model):
+    model, units = evidence_model
+    batch = model.batch(units[:3] + [u.without("vibration", "temperature") for u in units[3:]])
+    with torch.no_grad():
+        out = model(batch)
+        fused = model.defect_head(out.pooled).squeeze(-1)
+    shown = out.modality_logits.masked_fill(~out.present, float("-inf"))
+    torch.testing.assert_close(out.defect_logit, fused + 0.7 * torch.logsumexp(shown, dim=1), rtol=1e-5, atol=1e-5)
+    # units with the image alone: its head's logit is the whole evidence
+    torch.testing.assert_close(out.defect_logit[3:], fused[3:] + 0.7 * out.modality_logits[3:, 0], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_modality_evidence_keeps_masking_exact_and_trains(evidence_model, small_model_factory):
+    model, units = evidence_model
+    batch = model.batch(units)
+    present = batch.present.clone()
+    present[:, 2] = False
+    with torch.no_grad():
+        hidden = model(batch, present)
+        native = model(model.batch([u.without("temperature") for u in units]))
+    torch.testing.assert_close(native.defect_logit, hidden.defect_logit, rtol=0, atol=MASK_ATOL)
+    # a fresh evidence model starts from the modalities' evidence alone, and every part gets a gradient
+    fresh = small_model_factory(modality_evidence=True)
+    assert float(fresh.evidence_weight) == 1.0 and not fresh.defect_head.weight.any()
+    fresh.fit_normalisation(batch)
+    fresh.train()
+    fresh(batch).defect_logit.sum().backward()
+    assert fresh.evidence_weight.grad is not None and torch.isfinite(fresh.evidence_weight.grad)
+    assert all(fresh.modality_heads[m][1].weight.grad.abs().sum() > 0 for m in fresh.config.modalities)
+    # a config written before the option existed loads with it off
+    data = model.config.to_dict()
+    data.pop("modality_evidence")
+    assert ModelConfig.from_dict(data).modality_evidence is False
+    assert "evidence_weight" not in dict(InspectionModel(ModelConfig.from_dict(data)).named_parameters())
+
+
 def test_coalitions_reuse_encoder_tokens(model_and_units):
     model, units = model_and_units
     with torch.no_grad():

@@ -46,7 +46,7 @@ def demo(tmp_path_factory, store):
     out = tmp_path_factory.mktemp("demo") / "run"
     words = io.StringIO()
     options = DemoOptions(units=UNITS, seed=SEED, rate=10.0, out=out, store=store, preset="fast", missing=MISSING,
-                          malformed=3, progress=False)
+                          malformed=3, progress=False, results=out.parent / "results")
     result = run_demo(options, stream=words)
     return out, result, words.getvalue()
 
@@ -100,6 +100,41 @@ def test_decisions_parquet_has_one_row_per_decided_unit_and_lists_the_missing_mo
     majority = result.summary["quality"]["majority"]
     expected = defects if majority["class"] == "defect" else len(rows) - defects
     assert majority["accuracy"] == pytest.approx(expected / len(rows))
+
+
+def test_the_result_file_holds_the_runs_numbers_with_its_provenance(demo, test_units):
+    out, result, words = demo
+    saved = json.loads((out.parent / "results" / "demo.json").read_text())
+    head = saved["summary"]
+    assert head["benchmark"] == "demo" and all(head[k] for k in ("machine", "commit", "command", "date"))
+    assert result.summary["result_file"] == str(out.parent / "results" / "demo.json")
+    # the headline accuracy and F1 are the decisions' agreement with the units' labels
+    labels = {u.unit_id: u.label.defect for u in test_units}
+    rows = decisions_table(out)
+    said = [r["decision"] == "defect" for r in rows]
+    truth = [labels[r["unit_id"]] for r in rows]
+    tp = sum(s and t for s, t in zip(said, truth, strict=True))
+    wrong = sum(s != t for s, t in zip(said, truth, strict=True))
+    assert head["decided"] == len(rows) and head["defects"] == sum(truth)
+    assert head["accuracy"] == pytest.approx(1 - wrong / len(rows))
+    assert head["f1"] == pytest.approx(tp / (tp + 0.5 * wrong) if tp + wrong else 1.0)
+    # the baselines' numbers are the summary's, and the words say the same
+    late = result.summary["quality"]["late_fusion"]
+    assert (head["late_fusion_accuracy"], head["late_fusion_f1"]) == (late["accuracy"], late["f1"])
+    assert f"accuracy {head['accuracy']:.3f}, F1 {head['f1']:.3f}" in words
+    assert head["p50_ms"] <= head["p99_ms"] and head["units_per_s"] > 0 and head["failed_checks"] == []
+
+
+def test_a_model_of_an_older_recipe_is_trained_afresh(demo, store, monkeypatch):
+    import dataclasses
+
+    from services import demo_model
+
+    assert not demo_model.preset_model_needed(store, "fast", seed=SEED)  # the run's own model serves
+    fast = demo_model.PRESETS["fast"]
+    newer = dataclasses.replace(fast, training=dataclasses.replace(fast.training, epochs=fast.epochs + 1))
+    monkeypatch.setitem(demo_model.PRESETS, "fast", newer)
+    assert demo_model.preset_model_needed(store, "fast", seed=SEED)
 
 
 def test_report_index_links_a_report_of_every_defect_decision(demo):
