@@ -63,11 +63,6 @@ class ModelConfig:
         the culprit logits of the modalities the unit shows) times a learned weight (starting at 1), on top of
         the fused head. For data where a unit is defective when any one reading is, the fused head then learns
         what the modalities say together beyond that. Off: the defect logit is the fused head's alone.
-    modality_pool: how each per-modality head reads its modality's visible tokens: ``mean`` -- the head on their
-        mean; ``lme`` -- the head on every token, its logits pooled by log-mean-exp (a smooth maximum: a defect
-        seen in one image region or one stretch of time is not averaged away).
-    modality_head_hidden: 0 -- each per-modality head is linear (after a LayerNorm); > 0 -- a two-layer MLP of
-        that hidden width (GELU), for encoders whose tokens are linear in the readings (the series encoder's).
     """
 
     encoders: dict[str, EncoderSpec]
@@ -77,8 +72,6 @@ class ModelConfig:
     head_dropout: float = 0.2
     lines: tuple[str, ...] = (DEFAULT_LINE,)
     modality_evidence: bool = False
-    modality_pool: str = "mean"
-    modality_head_hidden: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.encoders) - set(MODALITIES)
@@ -90,10 +83,6 @@ class ModelConfig:
             raise ConfigError(f"modality_dropout must be in [0, 1); got {self.modality_dropout}")
         if DEFAULT_LINE not in self.lines or len(set(self.lines)) != len(self.lines):
             raise ConfigError(f"lines must be distinct and include the default {DEFAULT_LINE!r}; got {self.lines}")
-        if self.modality_pool not in ("mean", "lme"):
-            raise ConfigError(f"modality_pool must be 'mean' or 'lme'; got {self.modality_pool!r}")
-        if not isinstance(self.modality_head_hidden, int) or self.modality_head_hidden < 0:
-            raise ConfigError(f"modality_head_hidden must be an integer >= 0; got {self.modality_head_hidden!r}")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -201,11 +190,8 @@ class InspectionModel(nn.Module):
         self.head_drop = nn.Dropout(config.head_dropout)
         self.defect_head = nn.Linear(dim, 1)
         self.class_head = nn.Linear(dim, len(config.class_names))
-        hidden = config.modality_head_hidden
-        self.modality_heads = nn.ModuleDict({
-            m: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1)) if not hidden else
-            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
-            for m in config.modalities})
+        self.modality_heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+                                             for m in config.modalities})
         if config.modality_evidence:
             self.evidence_weight = nn.Parameter(torch.ones(()))
             # start from the modalities' evidence alone; the fused head learns what it misses
@@ -299,8 +285,8 @@ class InspectionModel(nn.Module):
 
         A mask may only remove modalities a unit has; modalities it lacks stay absent. ``visible`` ``[B, N]``
         (bool) hides single tokens on top of that: a token is seen only where both allow it (explanations switch
-        an image region, a frequency band or a time segment off this way). Each per-modality head reads its
-        modality's visible tokens (pooled as ``modality_pool`` says; every token of a present modality unless ``visible`` hides some; a
+        an image region, a frequency band or a time segment off this way). Each per-modality head reads the mean
+        of its modality's visible tokens (every token of a present modality unless ``visible`` hides some; a
         modality with every token hidden counts as absent for its head). ``trace=True`` fills
         :attr:`ModelOutput.trace` (each row's routing path and attention spread) and changes no other output;
         training and benchmarks leave it off. ``trace_rows`` (``[R]`` long) traces only those rows, in that order:
@@ -340,8 +326,8 @@ class InspectionModel(nn.Module):
         )
 
     def modality_logits(self, encoded: Encoded, visible: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Each per-modality head on its modality's visible tokens (``visible`` ``[B, N]`` bool; default: every
-        token of a modality the unit has), pooled as ``config.modality_pool`` says.
+        """Each per-modality head on the mean of its modality's visible tokens (``visible`` ``[B, N]`` bool;
+        default: every token of a modality the unit has).
 
         Returns:
             ``([B, M] logits, [B, M] bool shown)`` over ``MODALITIES``: a modality is shown where at least one of
@@ -358,13 +344,8 @@ class InspectionModel(nn.Module):
             w = weights[:, sl]  # [B, N_m]
             count = w.sum(1)  # [B]
             shown[mi] = count > 0
-            if self.config.modality_pool == "lme":
-                per_token = self.modality_heads[m](encoded.tokens[:, sl]).squeeze(-1).float()  # [B, N_m]
-                logit = (torch.logsumexp(per_token.masked_fill(w == 0, -1e4), dim=1)
-                         - count.float().clamp_min(1.0).log())
-            else:
-                mean = (encoded.tokens[:, sl] * w[..., None]).sum(1) / count.clamp_min(1.0)[:, None]  # [B, D]
-                logit = self.modality_heads[m](mean).squeeze(-1)
+            mean = (encoded.tokens[:, sl] * w[..., None]).sum(1) / count.clamp_min(1.0)[:, None]  # [B, D]
+            logit = self.modality_heads[m](mean).squeeze(-1)
             logits[mi] = torch.where(shown[mi], logit.to(zeros.dtype), zeros)
         return torch.stack(logits, dim=1), torch.stack(shown, dim=1)
 

@@ -16,6 +16,7 @@ stderr through :mod:`inspection.progress`: a bar on a terminal, one line per epo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -48,9 +49,11 @@ class TrainConfig:
     weight_decay: AdamW weight decay.
     warmup_frac: share of steps with a linear warm-up, then cosine decay to 0.
     class_weight, modality_weight: weights of the class and per-modality losses.
-    modality_loss_all: train each per-modality head on every modality the unit has, also those modality dropout
-        hides from the fused path (its encoder's tokens are computed either way); off: only on what stays
-        visible. With dropout, this gives each modality's own evidence every training unit.
+    encoder_grad: ``all`` -- every loss trains the encoders; ``own_head`` -- each encoder learns only from its
+        own per-modality head's culprit loss, on every modality the unit has (also those modality dropout hides
+        from the fused path: their tokens are computed either way), while the fused path (bridge, fused and class heads) trains on top of the encoders' tokens without changing them.
+        A modality that separates the classes easily otherwise dominates what the shared losses teach the
+        encoders, and a weak modality's encoder learns less than it would alone ("modality imbalance").
     label_smoothing: of the class loss.
     soft_targets: train the defect logit towards each label's graded ``severity`` (e.g. ELPV's expert defect
         probability 0, 1/3, 2/3, 1) where the label has one, instead of its 0/1 ``defect``; the score then
@@ -81,7 +84,7 @@ class TrainConfig:
     warmup_frac: float = 0.05
     class_weight: float = 0.5
     modality_weight: float = 0.3
-    modality_loss_all: bool = False
+    encoder_grad: str = "all"
     label_smoothing: float = 0.1
     soft_targets: bool = False
     augment: bool = True
@@ -104,6 +107,8 @@ class TrainConfig:
                               f"{self.photometric_jitter}, {self.affine_jitter}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if self.encoder_grad not in ("all", "own_head"):
+            raise ConfigError(f"encoder_grad must be 'all' or 'own_head'; got {self.encoder_grad!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda; got {self.device!r}")
 
@@ -600,13 +605,13 @@ def supervised_step(model: InspectionModel, prepared: PreparedSet, idx: torch.Te
     t = Targets(t.defect.to(device), t.klass.to(device), t.culprit.to(device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         encoded = model.encode(batch)
-        out = model.fuse(encoded, present.to(device))
-        every = None
-        if cfg.modality_loss_all:  # the heads on every modality the unit has, against its own culprits
-            every = ModelOutput(out.defect_logit, out.class_logits, model.modality_logits(encoded)[0],
-                                encoded.present, out.pooled, out.router_stats)
-            t = Targets(t.defect, t.klass, culprit.to(device))
-        loss, parts = supervised_loss(out, t, cfg, modality_out=every)
+        if cfg.encoder_grad == "all":
+            out = model.fuse(encoded, present.to(device))
+            loss, parts = supervised_loss(out, t, cfg)
+        else:  # the fused path on detached tokens; the heads on every modality the unit has, against its culprits
+            out = model.fuse(dataclasses.replace(encoded, tokens=encoded.tokens.detach()), present.to(device))
+            own = dataclasses.replace(out, modality_logits=model.modality_logits(encoded)[0], present=encoded.present)
+            loss, parts = supervised_loss(out, Targets(t.defect, t.klass, culprit.to(device)), cfg, modality_out=own)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -400,7 +400,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
                       seed=args.seed, device=args.device, amp=not args.no_amp, ema_decay=args.ema_decay,
                       soft_targets=args.soft_targets, photometric_jitter=args.photometric_jitter,
-                      affine_jitter=args.affine_jitter)
+                      affine_jitter=args.affine_jitter, encoder_grad=args.encoder_grad)
     if args.mode == "normal-only":
         return _train_normal_only(args)
     if args.target_far is not None:
@@ -1063,6 +1063,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--affine-jitter", type=float, default=0.0,
                     help="strength a of a random affine warp of images: rotation <= 10a deg, scale 1 +- 0.1a, "
                          "shift <= 5a %% (0: off)")
+    tr.add_argument("--encoder-grad", choices=["all", "own_head"], default="all",
+                    help="own_head: each encoder learns only from its own per-modality head (culprit loss on every "
+                         "modality a unit has), the fused path trains on top; against a strong modality drowning a "
+                         "weak one (with --model-set modality_evidence=true the heads also feed the decision)")
     tr.add_argument("--ema-decay", type=float, default=0.0,
                     help="keep an exponential moving average of the weights with this decay and validate, select "
                          "and save it (0: off)")

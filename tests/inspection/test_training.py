@@ -405,3 +405,46 @@ def test_calibrating_several_seeds_keeps_every_one(tmp_path, capsys, order):
     assert len(lines) == len(order)
     calibrated = [v for v in store.versions() if v.card.get("threshold_version")]
     assert sorted(v.card["seed"] for v in calibrated) == sorted(order)
+
+
+@pytest.mark.parametrize("encoder_grad", ["all", "own_head"])
+def test_own_head_encoder_gradients_come_from_the_modality_heads_alone(small_model_factory, unit_factory,
+                                                                       encoder_grad):
+    import dataclasses
+
+    from inspection.records import Label
+    from inspection.training import supervised_step
+
+    model = small_model_factory(modality_evidence=True, class_names=("ok", "defect"))
+    rng = np.random.default_rng(3)
+    units = []
+    for i in range(8):
+        culprits = {0: (), 1: ("vision",), 2: ("temperature",), 3: ("vibration", "vision")}[i % 4]
+        label = Label(bool(culprits), "defect" if culprits else "ok", frozenset(culprits))
+        units.append(dataclasses.replace(unit_factory(i, rng), label=label))
+    model.fit_normalisation(model.batch(units))
+    prepared = PreparedSet(model, units, model.config.class_names)
+    model.train()
+
+    def grads(modality_weight: float) -> dict[str, float]:
+        cfg = TrainConfig(epochs=1, batch_size=8, device="cpu", modality_weight=modality_weight,
+                          encoder_grad=encoder_grad, augment=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # a step that changes nothing: gradients only
+        supervised_step(model, prepared, torch.arange(8), torch.Generator().manual_seed(0), opt, cfg,
+                        torch.device("cpu"), list(model.parameters()))
+        part = lambda prefix: sum(float(p.grad.abs().sum()) for n, p in model.named_parameters()  # noqa: E731
+                                  if n.startswith(prefix) and p.grad is not None)
+        return {k: part(k) for k in ("encoders.", "bridge.", "defect_head.", "modality_heads.")}
+
+    without_culprit_loss, with_it = grads(0.0), grads(1.0)
+    assert with_it["encoders."] > 0 and with_it["modality_heads."] > 0
+    assert without_culprit_loss["bridge."] > 0 and without_culprit_loss["defect_head."] > 0
+    if encoder_grad == "own_head":  # the fused losses reach no encoder
+        assert without_culprit_loss["encoders."] == 0
+    else:
+        assert without_culprit_loss["encoders."] > 0
+
+
+def test_encoder_grad_names_are_checked():
+    with pytest.raises(ConfigError, match="encoder_grad"):
+        TrainConfig(encoder_grad="some")
