@@ -51,9 +51,10 @@ class TrainConfig:
     class_weight, modality_weight: weights of the class and per-modality losses.
     encoder_grad: ``all`` -- every loss trains the encoders; ``own_head`` -- each encoder learns only from its
         own per-modality head's culprit loss, on every modality the unit has (also those modality dropout hides
-        from the fused path: their tokens are computed either way), while the fused path (bridge, fused and class heads) trains on top of the encoders' tokens without changing them.
-        A modality that separates the classes easily otherwise dominates what the shared losses teach the
-        encoders, and a weak modality's encoder learns less than it would alone ("modality imbalance").
+        from the fused path: their tokens are computed either way), while the fused path (bridge, fused and
+        class heads) trains on top of the encoders' tokens without changing them. A modality that separates the
+        classes easily otherwise dominates what the shared losses teach the encoders, and a weak modality's
+        encoder learns less than it would alone ("modality imbalance").
     label_smoothing: of the class loss.
     soft_targets: train the defect logit towards each label's graded ``severity`` (e.g. ELPV's expert defect
         probability 0, 1/3, 2/3, 1) where the label has one, instead of its 0/1 ``defect``; the score then

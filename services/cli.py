@@ -1021,7 +1021,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="port of the operator page, /metrics and the probes on 127.0.0.1 (0: a free one, printed)")
     de.add_argument("--results", metavar="DIR",
                     help="also write the run's headline numbers (quality against the baselines, throughput, latency, "
-                         "timings) to DIR/demo.json with machine, commit, command and date, as the benchmarks do")
+                         "timings) to DIR/demo.json (DIR/demo_synthetic.json on synthetic temperature) with machine, "
+                         "commit, command and date, as the benchmarks do")
     de.set_defaults(func=cmd_demo)
     bench_choices = ["elpv", "bearings", "composite", "skab"]
     tr = sub.add_parser("train", help="train a model on a benchmark split and save it to the model store")

@@ -98,8 +98,8 @@ class DemoOptions:
         keep_running: keep the broker, the service and its page up after the summary until Ctrl-C or SIGTERM.
         page_port: port of the operator page, ``/metrics`` and the probes on 127.0.0.1; 0 picks a free one.
         progress: bars on a terminal, lines elsewhere (see :mod:`inspection.progress`); False is quiet.
-        results: a folder to write ``demo.json`` in, the run's headline numbers as a benchmark result
-            (:func:`demo_result`); None writes none.
+        results: a folder to write ``demo.json`` in (``demo_synthetic.json`` without SKAB), the run's headline
+            numbers as a benchmark result (:func:`write_demo_result`); None writes none.
     """
 
     units: int = 200
@@ -229,8 +229,8 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> DemoResul
     preset = get_preset(options.preset)
     store = options.store
     if preset_model_needed(store, options.preset, seed=options.seed):
-        say(f"no calibrated model of this recipe in {store}: training the {preset.name} demo model and its three single-modality "
-            f"baselines on CPU ({preset.train_units} composite training units, {preset.epochs} "
+        say(f"no calibrated model of this recipe in {store}: training the {preset.name} demo model and its three "
+            f"single-modality baselines on CPU ({preset.train_units} composite training units, {preset.epochs} "
             f"epoch{'' if preset.epochs == 1 else 's'}, {preset.image_size} px; once, then cached in the store)")
         say(f"model 1/4: the fusion model (all three modalities) -> {store}")
     version = ensure_preset_model(store, options.preset, seed=options.seed, run_dir=out / OUTPUTS["model_runs"],
@@ -692,13 +692,15 @@ def demo_result(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_demo_result(summary: dict[str, Any], results_dir: Path | str) -> Path:
-    """Write ``<results_dir>/demo.json``: :func:`demo_result` with machine, commit, command and date, and the
-    summary's quality, timing and check sections as details."""
+    """Write ``<results_dir>/demo.json`` (``demo_synthetic.json`` for a run on synthetic temperature):
+    :func:`demo_result` with machine, commit, command and date, and the summary's quality, timing and check
+    sections as details."""
     from inspection.evaluation import write_result
 
     details = {k: summary[k] for k in ("quality", "culprit_pointing", "throughput", "latency_ms", "model",
                                        "checks")}
-    return write_result("demo", demo_result(summary), details, results_dir)
+    name = "demo" if summary["temperature_source"] == "skab" else "demo_synthetic"
+    return write_result(name, demo_result(summary), details, results_dir)
 
 
 def _top_modality(decision: Decision) -> str | None:
