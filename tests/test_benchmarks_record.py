@@ -46,6 +46,16 @@ HEADLINES = [
     ("soak", "p99_ms", lambda v: f"{v:.0f} ms"),
     ("chaos", "dead_lettered", lambda v: f"{v}"),
     ("rescore", "local_units_per_s", lambda v: f"{v:.1f}"),
+    ("demo", "accuracy", lambda v: f"{v:.3f}"),
+    ("demo", "f1", lambda v: f"{v:.3f}"),
+    ("demo", "late_fusion_accuracy", lambda v: f"{v:.3f}"),
+    ("demo", "late_fusion_f1", lambda v: f"{v:.3f}"),
+    ("demo", "majority_accuracy", lambda v: f"{v:.3f}"),
+    ("demo_synthetic", "accuracy", lambda v: f"{v:.3f}"),
+    ("demo_synthetic", "f1", lambda v: f"{v:.3f}"),
+    ("demo_synthetic", "late_fusion_accuracy", lambda v: f"{v:.3f}"),
+    ("demo_synthetic", "late_fusion_f1", lambda v: f"{v:.3f}"),
+    ("demo", "culprit_share", lambda v: f"{100 * v:.0f} %"),
 ]
 
 
