@@ -171,7 +171,8 @@ def test_a_second_run_reuses_the_store_and_serves_the_page_until_interrupted(dem
     the page serves the decisions and their reports until Ctrl-C (SIGINT), which ends the demo with exit code 0
     and takes the page down. Without SKAB the summary says the temperature was synthetic."""
     before = {p.name for p in store.iterdir()}
-    env = {**os.environ, "INSPECTION_SKAB_DIR": str(tmp_path / "no-skab")}
+    # PYTHONFAULTHANDLER: a demo that does not end is aborted below, and its threads' stacks say where it hung
+    env = {**os.environ, "INSPECTION_SKAB_DIR": str(tmp_path / "no-skab"), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([EXE, "demo", "--preset", "fast", "--store", str(store), "--units", "8", "--rate", "0",
                              "--seed", str(SEED), "--out", str(tmp_path / "demo"), "--keep-running"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -202,7 +203,12 @@ def test_a_second_run_reuses_the_store_and_serves_the_page_until_interrupted(dem
             with urllib.request.urlopen(url + link.lstrip("/"), timeout=10) as response:
                 assert response.status == 200 and b"<html" in response.read(2000).lower()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            pytest.fail("the demo did not end within 120 s of Ctrl-C; its threads:\n" + err[-8000:])
     finally:
         if proc.poll() is None:
             proc.kill()
