@@ -173,8 +173,12 @@ def test_a_second_run_reuses_the_store_and_serves_the_page_until_interrupted(dem
     before = {p.name for p in store.iterdir()}
     # PYTHONFAULTHANDLER: a demo that does not end is aborted below, and its threads' stacks say where it hung
     env = {**os.environ, "INSPECTION_SKAB_DIR": str(tmp_path / "no-skab"), "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen([EXE, "demo", "--preset", "fast", "--store", str(store), "--units", "8", "--rate", "0",
-                             "--seed", str(SEED), "--out", str(tmp_path / "demo"), "--keep-running"],
+    # a person's Ctrl-C reaches a foreground demo; a test run started in the background of a non-interactive shell
+    # inherits SIGINT ignored, so the demo is started with Ctrl-C's default action, as at a terminal
+    foreground = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", foreground, EXE, "demo", "--preset", "fast", "--store", str(store),
+                             "--units", "8", "--rate", "0", "--seed", str(SEED), "--out", str(tmp_path / "demo"),
+                             "--keep-running"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     try:
