@@ -178,14 +178,15 @@ def visible_targets(t: Targets, visible: torch.Tensor, class_names: Sequence[str
     return Targets(defect, klass, culprit)
 
 
-def supervised_loss(out, t: Targets, cfg: TrainConfig, modality_out=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Defect BCE + class CE + the per-modality culprit BCE over the modalities ``out.present`` shows (those of
-    ``modality_out`` when given: per-modality logits and presence of another mask)."""
-    mo = out if modality_out is None else modality_out
-    present = mo.present.float()
+def supervised_loss(out, t: Targets, cfg: TrainConfig,
+                    modality: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Defect BCE + class CE + the per-modality culprit BCE of ``out.modality_logits`` over ``out.present``, or of
+    ``modality`` = ``([B, M] logits, [B, M] present)`` when given (the heads under another mask)."""
+    logits, shown = (out.modality_logits, out.present) if modality is None else modality
+    present = shown.float()
     bce = F.binary_cross_entropy_with_logits(out.defect_logit.float(), t.defect)
     ce = F.cross_entropy(out.class_logits.float(), t.klass, label_smoothing=cfg.label_smoothing)
-    per_mod = F.binary_cross_entropy_with_logits(mo.modality_logits.float(), t.culprit, reduction="none")
+    per_mod = F.binary_cross_entropy_with_logits(logits.float(), t.culprit, reduction="none")
     mod = (per_mod * present).sum() / present.sum().clamp_min(1.0)
     loss = bce + cfg.class_weight * ce + cfg.modality_weight * mod
     parts = {"loss": loss, "bce": bce, "ce": ce, "modality": mod}
@@ -611,8 +612,8 @@ def supervised_step(model: InspectionModel, prepared: PreparedSet, idx: torch.Te
             loss, parts = supervised_loss(out, t, cfg)
         else:  # the fused path on detached tokens; the heads on every modality the unit has, against its culprits
             out = model.fuse(dataclasses.replace(encoded, tokens=encoded.tokens.detach()), present.to(device))
-            own = dataclasses.replace(out, modality_logits=model.modality_logits(encoded)[0], present=encoded.present)
-            loss, parts = supervised_loss(out, Targets(t.defect, t.klass, culprit.to(device)), cfg, modality_out=own)
+            own = (model.modality_logits(encoded)[0], encoded.present)
+            loss, parts = supervised_loss(out, Targets(t.defect, t.klass, culprit.to(device)), cfg, modality=own)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
