@@ -86,11 +86,12 @@ still ahead on these validation units** (0.811 / 0.812, 2 points): three single-
 bridge and MoE, against one model of the same size.
 
 Whether any fusion recipe can clearly beat late fusion on these units was then asked of the model's own parts, over
-training seeds, with this module's training and calibration functions on the same validation units (256-1023,
-thresholds for maximum F1 on 0-255); seeds 1-3 retrained the baselines too (their late fusion is each seed's own)
-and read the units preprocessed once, stored in half precision; a "head" is a per-modality head, its AUROC against that
-modality's culprits; "heads' max" decides by the largest head logit alone (late fusion inside the model, threshold
-chosen the same way)::
+training seeds (``bench/demo_fusion.py`` repeats the check for the chosen recipe over data seeds and writes
+``bench/results/demo_fusion.json``), with this module's training and calibration functions on the validation
+units of seed 0 (256-1023, thresholds for maximum F1 on 0-255); training seeds 1-3 retrained the baselines too
+(their late fusion is each seed's own) and read the units preprocessed once, stored in half precision; a "head" is
+a per-modality head, its AUROC against that modality's culprits; "heads' max" decides by the largest head logit
+alone (late fusion inside the model, threshold chosen the same way)::
 
     seed 0 (late fusion 0.835 / 0.830, AUROC 0.860)         fused acc / F1   AUROC   heads' max   temp. head
     chosen recipe                                           0.792 / 0.791    0.838                0.706

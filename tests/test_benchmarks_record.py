@@ -56,6 +56,12 @@ HEADLINES = [
     ("demo_synthetic", "late_fusion_accuracy", lambda v: f"{v:.3f}"),
     ("demo_synthetic", "late_fusion_f1", lambda v: f"{v:.3f}"),
     ("demo", "culprit_share", lambda v: f"{100 * v:.0f} %"),
+    ("demo_fusion", "fused.accuracy", lambda v: f"{v:.3f}"),
+    ("demo_fusion", "fused.f1", lambda v: f"{v:.3f}"),
+    ("demo_fusion", "late_fusion.accuracy", lambda v: f"{v:.3f}"),
+    ("demo_fusion", "late_fusion.f1", lambda v: f"{v:.3f}"),
+    ("demo_fusion", "heads_max.accuracy", lambda v: f"{v:.3f}"),
+    ("demo_fusion", "heads_max.f1", lambda v: f"{v:.3f}"),
 ]
 
 
