@@ -53,22 +53,11 @@ def _metrics(scores: np.ndarray, labels: np.ndarray, threshold: float | np.ndarr
     return {k: round(float(m[k]), 4) for k in METRICS if k in m}
 
 
-def _head_logits(model, units) -> tuple[np.ndarray, np.ndarray]:
-    """``([B, M] culprit logits, [B, M] shown)`` of the model's per-modality heads."""
-    prepared = PreparedSet(model, units, model.config.class_names)
+def _head_logits(model, prepared: PreparedSet) -> np.ndarray:
+    """``[B, M]`` culprit logits of the model's per-modality heads, NaN where a unit lacks the modality."""
     with torch.no_grad():
         logits, shown = model.modality_logits(model.encode(prepared.batch))
-    return logits.double().numpy(), shown.numpy()
-
-
-def _heads_max(logits: np.ndarray, shown: np.ndarray) -> np.ndarray:
-    return np.where(shown, logits, -np.inf).max(axis=1)
-
-
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return round(float(roc_auc_score(labels, scores)), 4) if 0 < labels.sum() < len(labels) else None
+    return np.where(shown.numpy(), logits.double().numpy(), np.nan)
 
 
 def run_seed(seed: int, preset: str, store: Path, eval_units: int, device: str) -> dict:
@@ -87,20 +76,23 @@ def run_seed(seed: int, preset: str, store: Path, eval_units: int, device: str) 
     y_val = np.array([u.label.defect for u in val])
     y = np.array([u.label.defect for u in held])
 
-    pred = predict_units(model, held, "cpu", amp=False)
+    prepared = PreparedSet(model, held, model.config.class_names)  # preprocessed once, scored twice
+    pred = predict_units(model, prepared, "cpu", amp=False)
     fused = _metrics(pred["score"], y, pred["threshold"])  # each unit's line threshold
-    lv, sv = _head_logits(model, val)
-    lh, sh = _head_logits(model, held)
-    heads = _metrics(_heads_max(lh, sh), y, choose_threshold(_heads_max(lv, sv), y_val, "max_f1"))
+    # the largest head logit of the modalities a unit has: late fusion's rule applied to the model's own heads
+    heads_val = late_fusion_score(_head_logits(model, PreparedSet(model, val, model.config.class_names)))
+    logits = _head_logits(model, prepared)
+    heads = _metrics(late_fusion_score(logits), y, choose_threshold(heads_val, y_val, "max_f1"))
     margins = base.margins(held)
     late = _metrics(late_fusion_score(margins), y, base.late_threshold)
     majority = _metrics(base.majority(len(held)).astype(float), y, 0.5)
     head_auroc, base_auroc = {}, {}
     for j, m in enumerate(MODALITIES):
         culprit = np.array([m in u.label.culprits for u in held])
-        head_auroc[m] = _auroc(culprit[sh[:, j]], lh[sh[:, j], j])
-        has = ~np.isnan(margins[:, j])
-        base_auroc[m] = _auroc(culprit[has], margins[has, j])
+        for out, scores in ((head_auroc, logits[:, j]), (base_auroc, margins[:, j])):
+            has = ~np.isnan(scores)
+            auroc = binary_metrics(scores[has], culprit[has], 0.0).get("auroc")
+            out[m] = None if auroc is None else round(float(auroc), 4)
     return {"seed": seed, "units": len(held), "defective": int(y.sum()), "fused": fused, "heads_max": heads,
             "late_fusion": late, "majority": majority, "head_auroc": head_auroc, "baseline_auroc": base_auroc,
             "temperature_source": builder.temperature_source, "train_and_load_s": round(train_s, 1),
@@ -126,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.seeds, args.eval_units = "fast", [0], 64
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="demo-fusion-") as tmp:
         root = args.store or Path(tmp)
         rows = []
